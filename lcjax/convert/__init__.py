@@ -1,0 +1,1 @@
+"""HF transformers <-> lcjax weight maps (in-memory tensors or safetensors; never unpickle)."""

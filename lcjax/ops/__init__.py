@@ -1,0 +1,1 @@
+"""Pure functions holding the math: each op has a naive reference and fast variants behind ``impl=``."""
