@@ -48,9 +48,11 @@ def _stream(docs, L):
     return list(PackIterDataset(grain.MapDataset.source(docs).to_iter_dataset(), seq_len=L, pad_id=PAD))
 
 
-docs_strategy = st.lists(st.integers(0, 30), min_size=1, max_size=12).map(
-    lambda lengths: [np.random.default_rng(n + 7 * i).integers(0, 300, n).astype(np.int32) for i, n in enumerate(lengths)]
-)
+def _random_docs(lengths):
+    return [np.random.default_rng(n + 7 * i).integers(0, 300, n).astype(np.int32) for i, n in enumerate(lengths)]
+
+
+docs_strategy = st.lists(st.integers(0, 30), min_size=1, max_size=12).map(_random_docs)
 
 
 @settings(max_examples=40, deadline=None)

@@ -141,7 +141,8 @@ def test_determinism_and_independence(task):
     a = generate(task, 5, seed=11)
     for k in a:
         np.testing.assert_array_equal(a[k], generate(task, 5, seed=11)[k])
-    for other in (generate(task, 5, seed=12), generate(task, 6, seed=11), generate(task, 5, seed=11, split="validation")):
+    others = (generate(task, 5, seed=12), generate(task, 6, seed=11), generate(task, 5, seed=11, split="validation"))
+    for other in others:
         assert not all(np.array_equal(a[k], other[k]) for k in a)
     src = SyntheticSource(task, split="train", num_examples=10, seed=11)
     np.testing.assert_array_equal(src[5]["inputs"], a["inputs"])

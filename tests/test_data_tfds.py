@@ -49,7 +49,8 @@ def test_split_slicing_and_name_lookup(data_dir):
     name = f"lcjax_mqar/{tb.synthetic_builder_config(task, **SIZES).name}"
     src = tfds.data_source(name, split="train[:5]", data_dir=data_dir)
     assert len(src) == 5 and [int(src[i]["index"]) for i in range(5)] == list(range(5))
-    np.testing.assert_array_equal(src[3]["inputs"], SyntheticSource(task, split="train", num_examples=24, seed=5)[3]["inputs"])
+    mem = SyntheticSource(task, split="train", num_examples=24, seed=5)
+    np.testing.assert_array_equal(src[3]["inputs"], mem[3]["inputs"])
 
 
 def test_reads_in_a_fresh_process_without_lcjax_or_tensorflow(data_dir):
@@ -71,7 +72,8 @@ def test_reads_in_a_fresh_process_without_lcjax_or_tensorflow(data_dir):
 def test_pipeline_from_tfds_equals_in_memory(data_dir):
     task = TASKS[1]
     kw = dict(global_batch_size=4, num_train=24, num_validation=8, seed=5, process_index=0, process_count=1)
-    (train_a, eval_a), (train_b, eval_b) = synthetic_datasets(task, data_dir=data_dir, **kw), synthetic_datasets(task, **kw)
+    train_a, eval_a = synthetic_datasets(task, data_dir=data_dir, **kw)
+    train_b, eval_b = synthetic_datasets(task, **kw)
     it_a, it_b = iter(train_a), iter(train_b)
     for _ in range(8):  # crosses an epoch boundary (6 batches per epoch)
         a, b = next(it_a), next(it_b)

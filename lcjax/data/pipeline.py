@@ -22,8 +22,10 @@ Pipelines (all return a ``grain.IterDataset``; ``iter(ds)`` gives an iterator wi
   so concatenating the process batches in process order gives exactly the single-process batch.
   ``drop_remainder=False`` (eval) pads the last global batch with examples whose ``loss_mask`` is all False and
   ``segment_ids`` 0, so every batch has one shape and every process the same number of batches.
-- ``packed_text_dataset(documents, ...)``: training on text; documents are shuffled, sharded per process
-  (``documents[p::P]`` of each epoch), tokenized and packed by the streaming packer of ``packing.py``.
+- ``packed_text_dataset(documents, ...)``: training on text; documents are shuffled, sharded per process (process
+  p takes every P-th document of the shuffled, repeated stream, so one epoch is partitioned between processes),
+  tokenized and packed by the streaming packer of ``packing.py``. Processes pack independently, so unlike
+  ``batched_dataset`` the global batch depends on the process count.
 - ``packed_text_eval_dataset(documents, ...)``: one pass, unshuffled; the packing layout is computed up front, rows are
   sharded and padded like ``batched_dataset(drop_remainder=False)``, so processes stay in step.
 - ``synthetic_datasets(task, ...)``: the train and eval datasets of a synthetic task in one call.

@@ -92,7 +92,8 @@ class MQARConfig:
         if self.vocab_size // 2 - 1 < self.num_kv_pairs:
             raise ValueError(
                 f"vocab_size={self.vocab_size} is too small for num_kv_pairs={self.num_kv_pairs}: distinct keys come "
-                f"from [1, vocab_size // 2), so vocab_size must be >= 2 * num_kv_pairs + 2 = {2 * self.num_kv_pairs + 2}"
+                f"from [1, vocab_size // 2), so vocab_size must be >= 2 * num_kv_pairs + 2 = "
+                f"{2 * self.num_kv_pairs + 2}"
             )
         if not (isinstance(self.power_a, (int, float)) and 0 < self.power_a <= 1):
             raise ValueError(f"power_a={self.power_a!r} must be a float in (0, 1] (1 = uniform query placement)")
@@ -330,7 +331,10 @@ class SyntheticSource:
         return [self[i] for i in indices]
 
     def __repr__(self) -> str:
-        return f"SyntheticSource({self.task.name}, split={self.split!r}, num_examples={self.num_examples}, seed={self.seed})"
+        return (
+            f"SyntheticSource({self.task.name}, split={self.split!r}, num_examples={self.num_examples}, "
+            f"seed={self.seed})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ task accuracy
