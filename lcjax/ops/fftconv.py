@@ -127,12 +127,13 @@ def fftconv(
 
 # ---- the causal Monarch parameterization (module docstring) ---------------------------------------------------
 def causal_monarch_shape(length: int, b2: int | None = None) -> tuple[int, int]:
-    """``(h, b2)`` with ``h·b2 = length`` for the 2L-point Monarch ``b1 = 2h``; default ``b2`` ≈ ``√(2L)``."""
+    """``(h, b2)`` with ``h·b2 = length`` for the 2L-point Monarch ``b1 = 2h``; default: ``b2 ≈ √L`` (the divisor
+    minimising ``h + b2``, the per-channel cost of ``A``; ties go to the larger ``b2``)."""
     if length < 1:
         raise ValueError(f"causal_monarch_shape: length={length} must be >= 1")
     if b2 is None:
         divisors = [d for d in range(1, length + 1) if length % d == 0]
-        b2 = min(divisors, key=lambda d: (abs(np.log(d) - 0.5 * np.log(2 * length)), d))
+        b2 = min(divisors, key=lambda d: (length // d + d, -d))
     if b2 < 1 or length % b2:
         raise ValueError(f"causal_monarch_shape: b2={b2} must be a positive divisor of the length {length}")
     return length // b2, b2
