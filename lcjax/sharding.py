@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
@@ -65,25 +66,25 @@ class ShardingRules:
     ShardingRules.context_parallel()``. Mesh axes of size 1 are harmless, so one rule set serves any mesh shape.
     """
 
-    vocab: MeshAxes = ()
-    embed: MeshAxes = ()
-    mlp: MeshAxes = ()
-    heads: MeshAxes = ()
-    kv_heads: MeshAxes = ()
-    head_dim: MeshAxes = ()
-    ssm_state: MeshAxes = ()
-    conv: MeshAxes = ()
-    layers: MeshAxes = ()
-    act_batch: MeshAxes = ()
-    act_seq: MeshAxes = ()
-    act_kv_seq: MeshAxes = ()
-    act_embed: MeshAxes = ()
-    act_heads: MeshAxes = ()
-    act_kv_heads: MeshAxes = ()
-    act_head_dim: MeshAxes = ()
-    act_mlp: MeshAxes = ()
-    act_vocab: MeshAxes = ()
-    act_state: MeshAxes = ()
+    vocab: MeshAxes | str = ()
+    embed: MeshAxes | str = ()
+    mlp: MeshAxes | str = ()
+    heads: MeshAxes | str = ()
+    kv_heads: MeshAxes | str = ()
+    head_dim: MeshAxes | str = ()
+    ssm_state: MeshAxes | str = ()
+    conv: MeshAxes | str = ()
+    layers: MeshAxes | str = ()
+    act_batch: MeshAxes | str = ()
+    act_seq: MeshAxes | str = ()
+    act_kv_seq: MeshAxes | str = ()
+    act_embed: MeshAxes | str = ()
+    act_heads: MeshAxes | str = ()
+    act_kv_heads: MeshAxes | str = ()
+    act_head_dim: MeshAxes | str = ()
+    act_mlp: MeshAxes | str = ()
+    act_vocab: MeshAxes | str = ()
+    act_state: MeshAxes | str = ()
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -276,8 +277,44 @@ def param(value: jax.Array, *logical: Logical, **metadata) -> nnx.Param:
     for name in logical:
         if name is not None and name not in PARAM_AXES:
             raise ValueError(f"param: unknown parameter axis {name!r}; allowed: {PARAM_AXES} or None")
-    return nnx.Param(value, out_sharding=tuple(logical), eager_sharding=mesh_active(), **metadata)
+    var = nnx.Param(value, out_sharding=tuple(logical), eager_sharding=mesh_active(), **metadata)
+    # Record eager_sharding=False whatever the context: the metadata then does not depend on whether a mesh was
+    # active (models built with and without one have the same pytree structure, so checkpoints and gradients line
+    # up), and Variables that NNX later derives from this one (optimizer moments) inherit the array's sharding
+    # instead of requiring a mesh. Under a mesh the value above is already sharded.
+    var.set_metadata(eager_sharding=False)
+    return var
 
+
+
+def read(var: nnx.Variable, dtype: Any = None) -> jax.Array:
+    """A parameter's value as the computation uses it: cast to ``dtype``, then all-gathered over the batch axes.
+
+    FSDP shards parameters over the same mesh axes as the batch (``act_batch``); at use, those axes are gathered
+    (and the backward pass reduce-scatters the gradient), while tensor-parallel axes stay sharded. Inside a scan
+    over stacked layers the leading ``layers`` name is dropped. Without a mesh this is ``var[...]``.
+    """
+    x = var[...]
+    if dtype is not None:
+        x = x.astype(dtype)
+    mesh = _abstract_mesh()
+    if mesh is None:
+        return x
+    names = tuple(var.get_metadata().get("out_sharding") or (None,) * x.ndim)
+    if len(names) == x.ndim + 1 and names[0] == "layers":
+        names = names[1:]
+    batch_axes = set(current_rules().act_batch)
+    spec = [
+        tuple(a for a in ((e,) if isinstance(e, str) else e) if a not in batch_axes) if e is not None else ()
+        for e in pspec(*names)
+    ]
+    spec = PartitionSpec(*(None if not e else e[0] if len(e) == 1 else e for e in spec))
+    types = {t for t in mesh.axis_types if t != AxisType.Manual}
+    if types == {AxisType.Explicit}:
+        return jax.sharding.reshard(x, spec)
+    if not types:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)
 
 def _check_divisible(x_shape, spec, logical, mesh):
     for dim, entry, name in zip(x_shape, spec, logical):
@@ -338,3 +375,20 @@ def logical_metadata(tree: Any) -> Any:
     return jax.tree.map(
         lambda v: v.get_metadata().get("out_sharding"), nnx.state(tree), is_leaf=lambda v: isinstance(v, nnx.Variable)
     )
+
+
+def einsum(spec: str, *operands: jax.Array, out: Sequence[Logical], **kwargs) -> jax.Array:
+    """``jnp.einsum`` whose result carries the sharding of the logical axes ``out``.
+
+    On Explicit meshes a contraction over a dimension sharded in both operands is ambiguous, so every layer einsum
+    states its output sharding (STYLE §2.4). Without a mesh this is plain ``jnp.einsum``.
+    """
+    if not mesh_active():
+        return jnp.einsum(spec, *operands, **kwargs)
+    return jnp.einsum(spec, *operands, out_sharding=pspec(*out), **kwargs)
+
+
+def take(table: jax.Array, indices: jax.Array, *, out: Sequence[Logical]) -> jax.Array:
+    """``table[indices]`` (rows of an embedding table) with the output sharding of ``out``."""
+    sharding_ = pspec(*out) if mesh_active() else None
+    return table.at[indices].get(out_sharding=sharding_, mode="promise_in_bounds")

@@ -1,0 +1,173 @@
+"""HF ``LlamaForCausalLM`` <-> lcjax ``LM`` (attention blocks).
+
+The lcjax parameter tree mirrors HF's names, so the map is per-tensor reshapes only: torch ``Linear`` weights are
+``[out, in]``; lcjax keeps ``q_proj`` as ``[D, H, P]`` and ``o_proj`` as ``[H, P, D]`` so einsums name every axis.
+Checkpoints are read from in-memory tensors or safetensors files only, never by unpickling.
+Reference: transformers 5.23.0 ``models/llama/modeling_llama.py`` and ``configuration_llama.py``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lcjax.models.lm import LM, LMConfig
+from lcjax.ops import rope as rope_ops
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    if hasattr(t, "detach"):  # torch tensor, without importing torch
+        t = t.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        t = t.numpy()
+    return np.asarray(t)
+
+
+def config_from_hf(hf_config: Any, **overrides) -> LMConfig:
+    """LMConfig from an HF ``LlamaConfig`` (object or dict)."""
+    c = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    n_heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // n_heads
+    rope_params = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10_000.0)}
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hf_config.hidden_act={c['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
+    if c.get("pretraining_tp", 1) != 1:
+        raise ValueError("hf_config.pretraining_tp must be 1")
+    kw = dict(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=c.get("num_key_value_heads") or n_heads, head_dim=head_dim, mlp_dim=c["intermediate_size"],
+        max_seq_len=c.get("max_position_embeddings", 2048), rope=rope_ops.rope_config_from_hf(rope_params),
+        norm_eps=c.get("rms_norm_eps", 1e-5), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        attention_bias=bool(c.get("attention_bias", False)), mlp_bias=bool(c.get("mlp_bias", False)),
+    )  # fmt: skip
+    return LMConfig(**(kw | overrides))
+
+
+def config_to_hf(cfg: LMConfig) -> dict[str, Any]:
+    """The HF ``LlamaConfig`` kwargs describing ``cfg`` (attention-only models)."""
+    if set(cfg.block_pattern) != {"attention"}:
+        raise ValueError(f"config_to_hf: only attention-only models map to Llama, got {cfg.block_pattern}")
+    rope: dict[str, Any] = {"rope_type": cfg.rope.rope_type, "rope_theta": cfg.rope.theta}
+    if cfg.rope.rope_type != "default":
+        rope["factor"] = cfg.rope.factor
+    if cfg.rope.rope_type == "llama3":
+        rope.update(low_freq_factor=cfg.rope.low_freq_factor, high_freq_factor=cfg.rope.high_freq_factor,
+                    original_max_position_embeddings=cfg.rope.original_max_position_embeddings)  # fmt: skip
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+        intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
+        rope_parameters=rope, hidden_act="silu",
+    )  # fmt: skip
+
+
+def _layer_map(cfg: LMConfig, i: int) -> dict[str, tuple[tuple[str, ...], Any, Any]]:
+    """HF key -> (lcjax path, HF->lcjax fn, lcjax->HF fn) for layer i."""
+    D, H, K, P = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    pre, path = f"model.layers.{i}.", ("layers", i)
+    heads_in = lambda n: (lambda w: w.T.reshape(D, n, P), lambda w: w.reshape(D, n * P).T)
+    m = {
+        "input_layernorm.weight": (("input_layernorm", "weight"), None),
+        "post_attention_layernorm.weight": (("post_attention_layernorm", "weight"), None),
+        "self_attn.q_proj.weight": (("self_attn", "q_proj"), heads_in(H)),
+        "self_attn.k_proj.weight": (("self_attn", "k_proj"), heads_in(K)),
+        "self_attn.v_proj.weight": (("self_attn", "v_proj"), heads_in(K)),
+        "self_attn.o_proj.weight": (("self_attn", "o_proj"), (lambda w: w.T.reshape(H, P, D), lambda w: w.reshape(H * P, D).T)),
+        "mlp.gate_proj.weight": (("mlp", "gate_proj"), (np.transpose, np.transpose)),
+        "mlp.up_proj.weight": (("mlp", "up_proj"), (np.transpose, np.transpose)),
+        "mlp.down_proj.weight": (("mlp", "down_proj"), (np.transpose, np.transpose)),
+    }
+    if cfg.attention_bias:
+        m["self_attn.q_proj.bias"] = (("self_attn", "q_bias"), (lambda b: b.reshape(H, P), lambda b: b.reshape(-1)))
+        m["self_attn.k_proj.bias"] = (("self_attn", "k_bias"), (lambda b: b.reshape(K, P), lambda b: b.reshape(-1)))
+        m["self_attn.v_proj.bias"] = (("self_attn", "v_bias"), (lambda b: b.reshape(K, P), lambda b: b.reshape(-1)))
+        m["self_attn.o_proj.bias"] = (("self_attn", "o_bias"), None)
+    if cfg.mlp_bias:
+        for name in ("gate", "up", "down"):
+            m[f"mlp.{name}_proj.bias"] = (("mlp", f"{name}_bias"), None)
+    identity = (lambda w: w, lambda w: w)
+    return {pre + k: (path + p, fns or identity) for k, (p, fns) in m.items()}
+
+
+def key_map(cfg: LMConfig) -> dict[str, tuple[tuple[Any, ...], Any, Any]]:
+    """The full HF state-dict key -> (lcjax path, to_lcjax, to_hf) table."""
+    identity = (lambda w: w, lambda w: w)
+    m = {"model.embed_tokens.weight": (("embed_tokens", "weight"), identity),
+         "model.norm.weight": (("norm", "weight"), identity)}  # fmt: skip
+    if not cfg.tie_embeddings:
+        m["lm_head.weight"] = (("lm_head",), (np.transpose, np.transpose))
+    for i in range(cfg.n_layers):
+        m.update(_layer_map(cfg, i))
+    return m
+
+
+def _get(tree: Any, path: tuple[Any, ...]) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def llama_from_state_dict(state_dict: Mapping[str, Any], cfg: LMConfig) -> LM:
+    """An ``LM`` holding the given HF-named weights (numpy arrays or torch tensors)."""
+    if cfg.scan_layers:
+        raise ValueError("llama_from_state_dict: build with scan_layers=False (HF layers are separate tensors)")
+    keys = key_map(cfg)
+    skip = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    unknown = sorted(k for k in state_dict if k not in keys and k not in skip and not k.endswith("rotary_emb.inv_freq"))
+    missing = sorted(k for k in keys if k not in state_dict)
+    if unknown or missing:
+        raise ValueError(f"state_dict: missing keys {missing[:5]}, unexpected keys {unknown[:5]}")
+    model = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    for key, (path, (to_lcjax, _)) in keys.items():
+        var = _get(state, path)
+        value = to_lcjax(_to_numpy(state_dict[key]))
+        if value.shape != var.shape:
+            raise ValueError(f"state_dict[{key!r}]: shape {value.shape} does not fit {path} of shape {var.shape}")
+        var.set_value(jnp.asarray(value, dtype=var.dtype))
+    nnx.update(model, state)
+    return model
+
+
+def llama_from_hf(hf_model: Any, **overrides) -> LM:
+    """An ``LM`` equal to an in-memory HF ``LlamaForCausalLM`` (config derived, weights copied)."""
+    cfg = config_from_hf(hf_model.config, **overrides)
+    return llama_from_state_dict(dict(hf_model.state_dict()), cfg)
+
+
+def llama_from_pretrained_dir(path: str, **overrides) -> LM:
+    """Load a local HF checkpoint directory (``config.json`` + ``*.safetensors``), never unpickling."""
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = config_from_hf(json.load(f), **overrides)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"llama_from_pretrained_dir: no *.safetensors files in {path!r}")
+    state_dict: dict[str, np.ndarray] = {}
+    for file in files:
+        state_dict.update(load_file(file))
+    return llama_from_state_dict(state_dict, cfg)
+
+
+def llama_to_state_dict(model: LM) -> dict[str, np.ndarray]:
+    """HF-named numpy state dict of an attention-only ``LM`` (the reverse of ``llama_from_state_dict``)."""
+    cfg = model.cfg
+    config_to_hf(cfg)  # validates the block pattern
+    if cfg.scan_layers:
+        raise ValueError("llama_to_state_dict: export a model built with scan_layers=False")
+    state = nnx.state(model)
+    out = {}
+    for key, (path, (_, to_hf)) in key_map(cfg).items():
+        out[key] = np.ascontiguousarray(to_hf(np.asarray(jax.device_get(_get(state, path)[...]))))
+    return out

@@ -1,0 +1,165 @@
+"""Grouped-query self-attention with RoPE and a KV cache (the Llama attention block).
+
+GQA: Ainslie et al. 2023, https://arxiv.org/abs/2305.13245. Checked against HF transformers 5.23.0
+``models/llama/modeling_llama.py`` (``LlamaAttention``). The math lives in ``lcjax.ops.attention``; this module holds
+the projections, RoPE and the cache bookkeeping.
+
+Masks come from positions and segment ids only (``lcjax.ops.attention``): packed documents are expressed with
+segment ids, and empty cache slots carry segment id ``EMPTY_SEGMENT`` so no query ever attends to them.
+Under a mesh the op runs inside ``sharding.shard_map``: batch and heads stay sharded, queries keep the ``act_seq``
+sharding and keys/values are gathered along the sequence (``act_kv_seq``), i.e. all-gather context parallelism.
+Dimension key (lcjax/typing.py): B batch, L length, S cache length, D model, H heads, K kv heads, P head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcjax import sharding
+from lcjax.ops import attention as attention_ops
+from lcjax.ops import rope as rope_ops
+from lcjax.typing import Array, Float, Int
+
+EMPTY_SEGMENT = -1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope: rope_ops.RopeConfig = rope_ops.RopeConfig()
+    qkv_bias: bool = False
+    o_bias: bool = False
+    causal: bool = True
+    window: int | None = None
+    impl: str = "auto"
+
+    def __post_init__(self):
+        for name in ("d_model", "n_heads", "n_kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AttentionConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"AttentionConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"AttentionConfig.head_dim={self.head_dim} must be even (RoPE)")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"AttentionConfig.window={self.window} must be >= 1 or None")
+
+
+class KVCache(NamedTuple):
+    """Keys (after RoPE), values, and per-slot positions and segment ids; ``index`` = slots filled so far."""
+
+    k_BSKP: jax.Array
+    v_BSKP: jax.Array
+    positions_BS: jax.Array
+    segment_ids_BS: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, batch: int, length: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
+        zeros = jnp.zeros((batch, length, n_kv_heads, head_dim), dtype)
+        return cls(
+            k_BSKP=zeros, v_BSKP=zeros, positions_BS=jnp.zeros((batch, length), jnp.int32),
+            segment_ids_BS=jnp.full((batch, length), EMPTY_SEGMENT, jnp.int32), index=jnp.zeros((), jnp.int32),
+        )  # fmt: skip
+
+    def update(self, k_BLKP, v_BLKP, positions_BL, segment_ids_BL) -> KVCache:
+        """Write ``L`` new entries at ``[index, index + L)``."""
+        L, S = k_BLKP.shape[1], self.k_BSKP.shape[1]
+        if L > S:
+            raise ValueError(f"KVCache.update: {L} new tokens do not fit a cache of length {S}")
+        try:
+            index = int(self.index)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+            index = None  # traced: the caller (e.g. ``generate``) checks the length statically
+        if index is not None and index + L > S:
+            raise ValueError(f"KVCache.update: index {int(self.index)} + {L} new tokens exceeds cache length {S}")
+        put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), self.index, axis=1)
+        return KVCache(
+            put(self.k_BSKP, k_BLKP), put(self.v_BSKP, v_BLKP), put(self.positions_BS, positions_BL),
+            put(self.segment_ids_BS, segment_ids_BL), self.index + L,
+        )  # fmt: skip
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: AttentionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, H, K, P = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        init = nnx.initializers.normal(0.02)
+        self.q_proj = sharding.param(init(rngs.params(), (D, H, P), param_dtype), "embed", "heads", "head_dim")
+        self.k_proj = sharding.param(init(rngs.params(), (D, K, P), param_dtype), "embed", "kv_heads", "head_dim")
+        self.v_proj = sharding.param(init(rngs.params(), (D, K, P), param_dtype), "embed", "kv_heads", "head_dim")
+        self.o_proj = sharding.param(init(rngs.params(), (H, P, D), param_dtype), "heads", "head_dim", "embed")
+        if cfg.qkv_bias:
+            self.q_bias = sharding.param(jnp.zeros((H, P), param_dtype), "heads", "head_dim")
+            self.k_bias = sharding.param(jnp.zeros((K, P), param_dtype), "kv_heads", "head_dim")
+            self.v_bias = sharding.param(jnp.zeros((K, P), param_dtype), "kv_heads", "head_dim")
+        if cfg.o_bias:
+            self.o_bias = sharding.param(jnp.zeros((D,), param_dtype), "embed")
+
+    def project_qkv(self, x_BLD, positions_BL):
+        """q, k, v with RoPE applied to q and k."""
+        dt = x_BLD.dtype
+        act = lambda heads: ("act_batch", "act_seq", heads, "act_head_dim")
+        q_BLHP = sharding.einsum("BLD,DHP->BLHP", x_BLD, sharding.read(self.q_proj, dt), out=act("act_heads"))
+        k_BLKP = sharding.einsum("BLD,DKP->BLKP", x_BLD, sharding.read(self.k_proj, dt), out=act("act_kv_heads"))
+        v_BLKP = sharding.einsum("BLD,DKP->BLKP", x_BLD, sharding.read(self.v_proj, dt), out=act("act_kv_heads"))
+        if self.cfg.qkv_bias:
+            q_BLHP = q_BLHP + sharding.read(self.q_bias, dt)[None, None]
+            k_BLKP = k_BLKP + sharding.read(self.k_bias, dt)[None, None]
+            v_BLKP = v_BLKP + sharding.read(self.v_bias, dt)[None, None]
+        inv_freq, scaling = rope_ops.rope_frequencies(self.cfg.head_dim, self.cfg.rope)  # static numpy
+        q_BLHP = rope_ops.apply_rope(q_BLHP, positions_BL, inv_freq, scaling)
+        k_BLKP = rope_ops.apply_rope(k_BLKP, positions_BL, inv_freq, scaling)
+        return q_BLHP, k_BLKP, v_BLKP
+
+    def attend(self, q_BLHP, k_BSKP, v_BSKP, q_pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS):
+        """Attention over explicit keys/values (the op under ``shard_map`` when a mesh is active)."""
+        cfg = self.cfg
+
+        def local(q, k, v, qp, kp, qs, ks):
+            return attention_ops.dot_product_attention(
+                q, k, v, causal=cfg.causal, q_positions=qp, kv_positions=kp, q_segment_ids=qs, kv_segment_ids=ks,
+                window=cfg.window, impl=cfg.impl,
+            )  # fmt: skip
+
+        q_spec = ("act_batch", "act_seq", "act_heads", None)
+        kv_spec = ("act_batch", "act_kv_seq", "act_kv_heads", None)
+        fn = sharding.shard_map(
+            local,
+            in_specs=(q_spec, kv_spec, kv_spec, ("act_batch", "act_seq"), ("act_batch", "act_kv_seq"),
+                      ("act_batch", "act_seq"), ("act_batch", "act_kv_seq")),
+            out_specs=q_spec,
+        )  # fmt: skip
+        return fn(q_BLHP, k_BSKP, v_BSKP, q_pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS)
+
+    def __call__(
+        self, x_BLD: Float[Array, "B L D"], *, positions_BL: Int[Array, "B L"], segment_ids_BL: Int[Array, "B L"],
+        cache: KVCache | None = None,
+    ) -> tuple[Float[Array, "B L D"], KVCache | None]:  # fmt: skip
+        q_BLHP, k_BLKP, v_BLKP = self.project_qkv(x_BLD, positions_BL)
+        if cache is None:
+            out_BLHP = self.attend(q_BLHP, k_BLKP, v_BLKP, positions_BL, positions_BL, segment_ids_BL, segment_ids_BL)
+        else:
+            cache = cache.update(k_BLKP, v_BLKP, positions_BL, segment_ids_BL)
+            out_BLHP = self.attend(
+                q_BLHP, cache.k_BSKP.astype(q_BLHP.dtype), cache.v_BSKP.astype(q_BLHP.dtype), positions_BL,
+                cache.positions_BS, segment_ids_BL, cache.segment_ids_BS,
+            )  # fmt: skip
+        dt = x_BLD.dtype
+        y_BLD = sharding.einsum(
+            "BLHP,HPD->BLD", out_BLHP, sharding.read(self.o_proj, dt), out=("act_batch", "act_seq", "act_embed")
+        )
+        if self.cfg.o_bias:
+            y_BLD = y_BLD + sharding.read(self.o_bias, dt)[None, None]
+        return y_BLD, cache
+
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+        return KVCache.init(batch, length, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)

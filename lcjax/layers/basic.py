@@ -1,0 +1,77 @@
+"""Small building blocks shared by every model: RMSNorm, token embedding, SwiGLU MLP.
+
+RMSNorm: Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467 (HF ``LlamaRMSNorm``: normalise in float32, cast
+back, then scale). SwiGLU: Shazeer 2020, https://arxiv.org/abs/2002.05202 (HF ``LlamaMLP``).
+Dimension key (lcjax/typing.py): B batch, L length, D model, F MLP width, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcjax import sharding
+from lcjax.typing import Array, Float, Int
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """``weight * (x / rms(x))`` over the last axis, normalised in float32 (HF ``LlamaRMSNorm``)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,)) * x32.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        if dim < 1:
+            raise ValueError(f"RMSNorm: dim={dim} must be >= 1")
+        self.eps = eps
+        self.weight = sharding.param(jnp.ones((dim,), param_dtype), "embed")
+
+    def __call__(self, x: Float[Array, "*B D"]) -> Float[Array, "*B D"]:
+        return rms_norm(x, sharding.read(self.weight), self.eps)
+
+
+class Embedding(nnx.Module):
+    """Token embedding ``[V, D]``; ``attend`` reuses it as the output projection (tied embeddings)."""
+
+    def __init__(self, vocab_size: int, dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        w_VD = jax.random.normal(rngs.params(), (vocab_size, dim), param_dtype)  # HF Llama: N(0, 0.02) by config
+        self.vocab_size = vocab_size
+        self.weight = sharding.param(w_VD * 0.02, "vocab", "embed")
+
+    def __call__(self, tokens_BL: Int[Array, "B L"], dtype=jnp.float32) -> Float[Array, "B L D"]:
+        return sharding.take(sharding.read(self.weight), tokens_BL, out=("act_batch", "act_seq", "act_embed")).astype(dtype)
+
+    def attend(self, x_BLD: Float[Array, "B L D"]) -> Float[Array, "B L V"]:
+        w_VD = sharding.read(self.weight, x_BLD.dtype)
+        return sharding.einsum("BLD,VD->BLV", x_BLD, w_VD, out=("act_batch", "act_seq", "act_vocab"))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, dim: int, hidden: int, *, bias: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.gate_proj = sharding.param(init(rngs.params(), (dim, hidden), param_dtype), "embed", "mlp")
+        self.up_proj = sharding.param(init(rngs.params(), (dim, hidden), param_dtype), "embed", "mlp")
+        self.down_proj = sharding.param(init(rngs.params(), (hidden, dim), param_dtype), "mlp", "embed")
+        self.bias = bias
+        if bias:
+            self.gate_bias = sharding.param(jnp.zeros((hidden,), param_dtype), "mlp")
+            self.up_bias = sharding.param(jnp.zeros((hidden,), param_dtype), "mlp")
+            self.down_bias = sharding.param(jnp.zeros((dim,), param_dtype), "embed")
+
+    def __call__(self, x_BLD: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
+        dt = x_BLD.dtype
+        act = ("act_batch", "act_seq", "act_mlp")
+        gate_BLF = sharding.einsum("BLD,DF->BLF", x_BLD, sharding.read(self.gate_proj, dt), out=act)
+        up_BLF = sharding.einsum("BLD,DF->BLF", x_BLD, sharding.read(self.up_proj, dt), out=act)
+        if self.bias:
+            gate_BLF = gate_BLF + sharding.read(self.gate_bias, dt)[None, None]
+            up_BLF = up_BLF + sharding.read(self.up_bias, dt)[None, None]
+        h_BLF = jax.nn.silu(gate_BLF) * up_BLF
+        y_BLD = sharding.einsum("BLF,FD->BLD", h_BLF, sharding.read(self.down_proj, dt), out=("act_batch", "act_seq", "act_embed"))
+        return y_BLD + sharding.read(self.down_bias, dt)[None, None] if self.bias else y_BLD
+
