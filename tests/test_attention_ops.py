@@ -33,7 +33,7 @@ class Case:
     causal: bool = True
     window: int | None = None
     pos: str = "default"  # default | sorted | permuted (zigzag-like, not monotone)
-    seg: str = "none"  # none | packed (same docs for q and kv) | padded (kv padding -1) | orphan (some rows see nothing)
+    seg: str = "none"  # none | packed (same docs in q, kv) | padded (kv padding -1) | orphan (rows that see nothing)
 
 
 CASES = {
