@@ -13,9 +13,9 @@ Dimension key:
   W  conv width                T  stacked layers (scan axis)
 """
 
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
-__all__ = ["Array", "Bool", "Float", "Int", "PRNGKeyArray", "PyTree", "Shaped", "DIMENSION_KEY"]
+__all__ = ["Array", "ArrayLike", "Bool", "Float", "Int", "PRNGKeyArray", "PyTree", "Shaped", "DIMENSION_KEY"]
 
 DIMENSION_KEY = {
     "B": "batch",

@@ -71,7 +71,7 @@ def config_to_hf(cfg: LMConfig) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _layer_map(cfg: LMConfig, i: int) -> dict[str, tuple[tuple[str, ...], Any, Any]]:
+def _layer_map(cfg: LMConfig, i: int) -> dict[str, tuple[tuple[Any, ...], tuple[Any, Any]]]:
     """HF key -> (lcjax path, HF->lcjax fn, lcjax->HF fn) for layer i."""
     D, H, K, P = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     pre, path = f"model.layers.{i}.", ("layers", i)
@@ -99,7 +99,7 @@ def _layer_map(cfg: LMConfig, i: int) -> dict[str, tuple[tuple[str, ...], Any, A
     return {pre + k: (path + p, fns or identity) for k, (p, fns) in m.items()}
 
 
-def key_map(cfg: LMConfig) -> dict[str, tuple[tuple[Any, ...], Any, Any]]:
+def key_map(cfg: LMConfig) -> dict[str, tuple[tuple[Any, ...], tuple[Any, Any]]]:
     """The full HF state-dict key -> (lcjax path, to_lcjax, to_hf) table."""
     identity = (lambda w: w, lambda w: w)
     m = {"model.embed_tokens.weight": (("embed_tokens", "weight"), identity),

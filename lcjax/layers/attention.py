@@ -6,8 +6,10 @@ the projections, RoPE and the cache bookkeeping.
 
 Masks come from positions and segment ids only (``lcjax.ops.attention``): packed documents are expressed with
 segment ids, and empty cache slots carry segment id ``EMPTY_SEGMENT`` so no query ever attends to them.
-Under a mesh the op runs inside ``sharding.shard_map``: batch and heads stay sharded, queries keep the ``act_seq``
-sharding and keys/values are gathered along the sequence (``act_kv_seq``), i.e. all-gather context parallelism.
+Under a mesh the op runs inside ``sharding.shard_map``: batch and heads stay sharded. With a context axis (rules
+preset ``context_parallel``) the layer runs ring or all-gather attention over the sequence shards
+(``AttentionConfig.context_impl``, ``lcjax.ops.context_parallel``); otherwise queries keep the ``act_seq`` sharding
+and keys/values are gathered along the sequence (``act_kv_seq``).
 Dimension key (lcjax/typing.py): B batch, L length, S cache length, D model, H heads, K kv heads, P head dim.
 """
 
@@ -22,6 +24,7 @@ from flax import nnx
 
 from lcjax import sharding
 from lcjax.ops import attention as attention_ops
+from lcjax.ops import context_parallel
 from lcjax.ops import rope as rope_ops
 from lcjax.typing import Array, Float, Int
 
@@ -40,6 +43,7 @@ class AttentionConfig:
     causal: bool = True
     window: int | None = None
     impl: str = "auto"
+    context_impl: str = "ring"  # under context parallelism: "ring" (memory O(L/n)) or "allgather" (see ops.context_parallel)
 
     def __post_init__(self):
         for name in ("d_model", "n_heads", "n_kv_heads", "head_dim"):
@@ -51,6 +55,8 @@ class AttentionConfig:
             raise ValueError(f"AttentionConfig.head_dim={self.head_dim} must be even (RoPE)")
         if self.window is not None and self.window < 1:
             raise ValueError(f"AttentionConfig.window={self.window} must be >= 1 or None")
+        if self.context_impl not in ("ring", "allgather"):
+            raise ValueError(f"AttentionConfig.context_impl={self.context_impl!r}; allowed: 'ring', 'allgather'")
 
 
 class KVCache(NamedTuple):
@@ -121,8 +127,20 @@ class Attention(nnx.Module):
         return q_BLHP, k_BLKP, v_BLKP
 
     def attend(self, q_BLHP, k_BSKP, v_BSKP, q_pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS):
-        """Attention over explicit keys/values (the op under ``shard_map`` when a mesh is active)."""
+        """Attention over explicit keys/values (the op under ``shard_map`` when a mesh is active).
+
+        When the mesh shards ``act_seq`` (context parallelism) and both lengths divide the context size, q and k/v
+        stay sequence-sharded and ``cfg.context_impl`` runs: ring attention (K/V passed around the ring, memory
+        O(L/n)) or all-gather attention (``lcjax.ops.context_parallel``). Otherwise k/v are gathered on
+        ``act_kv_seq`` and ``cfg.impl`` runs on each device's queries.
+        """
         cfg = self.cfg
+        n = sharding.axis_size("act_seq")
+        if n > 1 and q_BLHP.shape[1] % n == 0 and k_BSKP.shape[1] % n == 0:
+            return context_parallel.context_parallel_attention(
+                q_BLHP, k_BSKP, v_BSKP, q_positions=q_pos_BL, kv_positions=kv_pos_BS, q_segment_ids=q_seg_BL,
+                kv_segment_ids=kv_seg_BS, causal=cfg.causal, window=cfg.window, strategy=cfg.context_impl,
+            )  # fmt: skip
 
         def local(q, k, v, qp, kp, qs, ks):
             return attention_ops.dot_product_attention(
@@ -141,9 +159,16 @@ class Attention(nnx.Module):
         return fn(q_BLHP, k_BSKP, v_BSKP, q_pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS)
 
     def __call__(
-        self, x_BLD: Float[Array, "B L D"], *, positions_BL: Int[Array, "B L"], segment_ids_BL: Int[Array, "B L"],
-        cache: KVCache | None = None,
+        self, x_BLD: Float[Array, "B L D"], *, positions_BL: Int[Array, "B L"] | None = None,
+        segment_ids_BL: Int[Array, "B L"] | None = None, cache: KVCache | None = None,
     ) -> tuple[Float[Array, "B L D"], KVCache | None]:  # fmt: skip
+        """``(y, cache)``. Positions default to ``0..L-1`` (after ``cache.index`` when decoding), segments to one."""
+        B, L, _ = x_BLD.shape
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.zeros((B, L), jnp.int32)
+        if positions_BL is None:
+            start = 0 if cache is None else cache.index
+            positions_BL = start + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         q_BLHP, k_BLKP, v_BLKP = self.project_qkv(x_BLD, positions_BL)
         if cache is None:
             out_BLHP = self.attend(q_BLHP, k_BLKP, v_BLKP, positions_BL, positions_BL, segment_ids_BL, segment_ids_BL)

@@ -26,7 +26,7 @@ from lcjax.layers import stack as stack_lib
 from lcjax.layers.attention import Attention, AttentionConfig
 from lcjax.layers.basic import MLP, Embedding, RMSNorm
 from lcjax.ops import rope as rope_ops
-from lcjax.typing import Array, Float, Int
+from lcjax.typing import Array, ArrayLike, Float, Int
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
@@ -52,6 +52,7 @@ class LMConfig:
     mlp_bias: bool = False
     window: int | None = None
     attn_impl: str = "auto"
+    context_impl: str = "ring"  # context-parallel attention: "ring" or "allgather" (AttentionConfig.context_impl)
     scan_layers: bool = False
     remat: bool = False
     dtype: str = "float32"  # compute dtype
@@ -93,7 +94,7 @@ class LMConfig:
         return AttentionConfig(
             d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
             rope=self.rope, qkv_bias=self.attention_bias, o_bias=self.attention_bias, window=self.window,
-            impl=self.attn_impl,
+            impl=self.attn_impl, context_impl=self.context_impl,
         )  # fmt: skip
 
     def layer_types(self) -> tuple[str, ...]:
@@ -190,8 +191,8 @@ class LM(nnx.Module):
             self.lm_head = sharding.param(init(rngs.params(), (cfg.d_model, cfg.vocab_size), pd), "embed", "vocab")
 
     def __call__(
-        self, tokens_BL: Int[Array, "B L"], *, positions_BL: Int[Array, "B L"] | None = None,
-        segment_ids_BL: Int[Array, "B L"] | None = None, cache: LMCache | None = None,
+        self, tokens_BL: Int[ArrayLike, "B L"], *, positions_BL: Int[ArrayLike, "B L"] | None = None,
+        segment_ids_BL: Int[ArrayLike, "B L"] | None = None, cache: LMCache | None = None,
     ) -> Float[Array, "B L V"] | tuple[Float[Array, "B L V"], LMCache]:  # fmt: skip
         """Logits ``[B, L, V]`` (float32); with a ``cache``, ``(logits, new_cache)``.
 
@@ -199,6 +200,9 @@ class LM(nnx.Module):
         at 0 in every segment, or to continuing from ``cache.index`` when decoding.
         """
         cfg = self.cfg
+        tokens_BL = jnp.asarray(tokens_BL)
+        positions_BL = None if positions_BL is None else jnp.asarray(positions_BL)
+        segment_ids_BL = None if segment_ids_BL is None else jnp.asarray(segment_ids_BL)
         if tokens_BL.ndim != 2 or not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
             raise ValueError(f"LM: tokens must be an integer [batch, length] array, got {tokens_BL.dtype}{tokens_BL.shape}")
         B, L = tokens_BL.shape
@@ -282,7 +286,7 @@ def _first(stacked: nnx.Module) -> nnx.Module:
 # Generation and sizes
 # ---------------------------------------------------------------------------------------------------------------
 def generate(
-    model: LM, prompt_BL: Int[Array, "B L"], *, max_new_tokens: int, temperature: float = 0.0,
+    model: LM, prompt_BL: Int[ArrayLike, "B L"], *, max_new_tokens: int, temperature: float = 0.0,
     top_k: int | None = None, rng: jax.Array | None = None,
 ) -> Int[Array, "B N"]:  # fmt: skip
     """Greedy (``temperature=0``) or sampled continuation of equal-length prompts using the cache.
@@ -299,6 +303,7 @@ def generate(
         raise ValueError("generate: rng is required when temperature > 0")
     if top_k is not None and not 1 <= top_k <= model.cfg.vocab_size:
         raise ValueError(f"generate: top_k={top_k} must be in [1, vocab_size={model.cfg.vocab_size}]")
+    prompt_BL = jnp.asarray(prompt_BL)
     B, L = prompt_BL.shape
     total = L + max_new_tokens
     if total > model.cfg.max_seq_len:
