@@ -73,7 +73,8 @@ def m2_bert_config_from_state_dict(state_dict: Mapping[str, Any], **overrides) -
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
     inferred = dict(
         d_model=D, d_ff=two_f_blk * nb // 2, n_layers=max(layers) + 1, vocab_size=V,
-        max_position_embeddings=shape(need[1])[0], type_vocab_size=shape(need[2])[0], l_max=shape(need[5])[1],
+        max_position_embeddings=shape(need[1])[0], type_vocab_size=shape(need[2])[0],
+        l_max=None if shape(need[5])[1] == shape(need[1])[0] else shape(need[5])[1],
         nblocks=nb, filter_order=o, emb_dim=e,
         bidirectional=any("implicit_filter_rev" in k for k in sd), residual_long_conv=any(".filter_fn2." in k for k in sd),
         training_additions="encoder.layer.0.attention.layernorm.weight" in sd,
