@@ -416,3 +416,26 @@ def test_bad_inputs_raise_value_error(name, monkeypatch):
         monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)  # get our ValueError, checked here
     with pytest.raises(ValueError, match=message):
         A.dot_product_attention(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU backend")
+def test_cudnn_matches_reference_on_gpu(rng):  # pragma: no cover - CPU CI has no GPU
+    q, k, v, _ = make_inputs(Case(B=2, L=256, S=256, H=4, K=2, P=64), rng, dtype=jnp.bfloat16)
+    for kw in (dict(causal=True), dict(causal=True, window=64), dict(causal=False)):
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        out = A.dot_product_attention(q, k, v, impl="cudnn", **kw)
+        np.testing.assert_allclose(np.asarray(out, np.float32), A.attention_reference(*f32, **kw), **BF16)
+
+
+@pytest.mark.tpu
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="the compiled splash kernel needs a TPU backend")
+def test_splash_matches_reference_on_tpu(rng):  # pragma: no cover - CPU CI has no TPU
+    q, k, v, _ = make_inputs(Case(B=2, L=512, S=512, H=4, K=2, P=128), rng)
+    seg = jnp.asarray(np.repeat([[0, 1]], 256, axis=1).repeat(2, axis=0), jnp.int32)
+    cases = (dict(causal=True), dict(causal=True, q_segment_ids=seg, kv_segment_ids=seg),
+             dict(causal=False, window=100))
+    for kw in cases:
+        out = A.dot_product_attention(q, k, v, impl="splash", **kw)
+        ref = A.attention_reference(q, k, v, **kw)
+        np.testing.assert_allclose(out, ref, atol=BF16["atol"], rtol=BF16["rtol"])  # TPU default matmul precision
