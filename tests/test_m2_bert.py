@@ -96,6 +96,7 @@ def test_import_maps_every_released_tensor(tiny_sd):
     np.testing.assert_array_equal(mixer.filter_fn2.implicit_filter_rev.w3[...], tiny_sd[a + "filter_fn2.implicit_filter_rev.6.weight"].T)
     np.testing.assert_array_equal(mixer.filter_fn.z[...], tiny_sd[a + "filter_fn.pos_emb.z"][0])
     np.testing.assert_array_equal(mixer.filter_fn.freq[...], tiny_sd[a + "filter_fn.implicit_filter.1.freq"][0])
+    np.testing.assert_array_equal(mixer.filter_fn2.deltas[...], tiny_sd[a + "filter_fn2.modulation.deltas"][0, 0])
     g = tiny_sd["bert.encoder.layer.1.mlp.gated_layers.weight"]  # (nb, out/nb, in/nb) -> (nb, in/nb, out/nb)
     np.testing.assert_array_equal(model.layers[1].mlp.gated_layers.weight[...], g.transpose(0, 2, 1))
     np.testing.assert_array_equal(model.decoder_bias[...], tiny_sd["cls.predictions.bias"])
@@ -117,7 +118,7 @@ def test_import_rejects_bad_checkpoints(tiny_sd):
     missing = {k: v for k, v in tiny_sd.items() if "layer.1.mlp.wo.bias" not in k}
     with pytest.raises(ValueError, match="wo.bias"):
         m2_bert_from_state_dict(missing)
-    odd = tiny_sd | {"bert.encoder.layer.0.attention.filter_fn.modulation.deltas": np.zeros((1, 1, 32), np.float32)}
+    odd = tiny_sd | {"bert.encoder.layer.0.attention.filter_fn.modulation.deltas": np.ones((1, 1, 31), np.float32)}
     with pytest.raises(ValueError, match="deltas"):
         m2_bert_from_state_dict(odd)
     untied = tiny_sd | {"cls.predictions.decoder.weight": np.zeros((64, 32), np.float32)}

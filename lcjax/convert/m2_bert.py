@@ -5,7 +5,7 @@ prefix ``model.bert.``; heads ``cls.predictions.*`` and ``bert.pooler.dense.*``)
 ``(out, in)`` and are transposed; ``in_linear``/``short_filter`` channels ``[x1 | x2 | v]`` become a ``(…, 3, E)``
 axis; ``BlockdiagLinear`` weights ``(nb, out/nb, in/nb)`` become ``(nb, in/nb, out/nb)``. The six copies of the
 shared Sin frequency (``implicit_filter{,_rev}.{1,3,5}.freq``) must be equal and are loaded once; the buffers
-``pos_emb.t`` and ``modulation.deltas`` must equal the values the config recomputes; FlashFFTConv buffers (any key
+``pos_emb.t`` and ``modulation.deltas`` are loaded as they are (``Buffer`` variables); FlashFFTConv buffers (any key
 with a ``flashfft`` component, attached by ``use_flash_fft``) and the ``position_ids``/``token_type_ids`` buffers
 are skipped. Anything else unexpected raises ``ValueError`` (pass ``ignore=("classifier.",)`` for GLUE heads).
 
@@ -96,11 +96,10 @@ def _filter_params(sd: dict, prefix: str, fcfg: m2_filter.HyenaFilterConfig, use
             out[(mlp, f"w{j}")] = get(f"{mlp}.{i}.weight").T
             out[(mlp, f"b{j}")] = get(f"{mlp}.{i}.bias")
         out[(mlp, "w3")] = get(f"{mlp}.6.weight").T
-    for key, expect in (("pos_emb.t", m2_filter.time_grid(fcfg.l_max)), ("modulation.deltas", m2_filter.decay_rates(fcfg))):
-        if prefix + key in sd:
-            used.add(prefix + key)
-            if not np.allclose(sd[prefix + key].reshape(-1), expect, rtol=1e-6, atol=1e-6):
-                raise ValueError(f"m2_bert_from_state_dict: buffer {prefix + key} differs from the standard values")
+    # buffers: loaded when present (an export without them gets the standard values)
+    out[("t",)] = get("pos_emb.t").reshape(-1) if prefix + "pos_emb.t" in sd else m2_filter.time_grid(fcfg.l_max)
+    has_deltas = prefix + "modulation.deltas" in sd
+    out[("deltas",)] = get("modulation.deltas").reshape(-1) if has_deltas else m2_filter.decay_rates(fcfg)
     return out
 
 
@@ -132,13 +131,13 @@ def _layer_params(sd: dict, i: int, cfg: M2BertConfig, used: set) -> dict:
     return out
 
 
-def m2_bert_from_state_dict(state_dict: Mapping[str, Any], *, ignore: tuple[str, ...] = (), **config_overrides
-                            ) -> M2Bert:  # fmt: skip
+def m2_bert_from_state_dict(state_dict: Mapping[str, Any], *, ignore: tuple[str, ...] = (), param_dtype=np.float32,
+                            **config_overrides) -> M2Bert:  # fmt: skip
     """An ``M2Bert`` holding the weights of a released M2-BERT ``state_dict`` (numpy arrays or torch tensors).
 
     The config is inferred from the shapes (``m2_bert_config_from_state_dict``); ``config_overrides`` set the rest
-    (``mask_padding``, ``conv_impl``, ``layer_norm_eps``...). Raises ``ValueError`` on missing, unexpected or
-    mis-shaped tensors.
+    (``mask_padding``, ``conv_impl``, ``layer_norm_eps``...). ``param_dtype=np.float64`` (under ``jax.enable_x64``)
+    gives a float64 model. Raises ``ValueError`` on missing, unexpected or mis-shaped tensors.
     """
     cfg = m2_bert_config_from_state_dict(state_dict, **config_overrides)
     sd = _normalize(state_dict, ignore)
@@ -179,14 +178,14 @@ def m2_bert_from_state_dict(state_dict: Mapping[str, Any], *, ignore: tuple[str,
         raise ValueError(f"m2_bert_from_state_dict: unexpected tensors {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
                          " (pass ignore=(prefix, ...) to skip heads lcjax does not model)")  # fmt: skip
     model = jax.eval_shape(lambda: M2Bert(cfg, rngs=nnx.Rngs(0)))
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, m2_filter.Buffer))):
         if path not in params:
             raise ValueError(f"m2_bert_from_state_dict: no checkpoint tensor for parameter {'.'.join(map(str, path))}")
         value = params.pop(path)
         if tuple(value.shape) != tuple(var.value.shape):
             raise ValueError(f"m2_bert_from_state_dict: {'.'.join(map(str, path))} has shape {value.shape}, "
                              f"expected {var.value.shape}")  # fmt: skip
-        var.value = jax.numpy.asarray(value, var.value.dtype)
+        var.value = jax.numpy.asarray(value, param_dtype)
     if params:
         raise ValueError(f"m2_bert_from_state_dict: internal mapping produced unknown paths {sorted(params)[:4]}")
     return model

@@ -12,8 +12,9 @@ https://arxiv.org/abs/2310.12109. Checked against HazyResearch/m2 ``bert/src/mm/
    prefix ``z[:L]``: a short filter is a prefix of the long one.
 2. MLP ``Linear(e,o) → Sin → Linear(o,o) → Sin → Linear(o,o) → Sin → Linear(o,D, no bias)`` with
    ``Sin(x) = sin(w_mod · freq ⊙ x)``; **one** ``freq`` (init ``w``) is shared by every Sin of both MLPs.
-3. modulation ``h ⊙ exp(−t·|δ|)``, ``δ = linspace(log(1e-2)/1.5, log(1e-2)/0.3, D)`` (a fixed buffer upstream; here
-   recomputed from the config, and the checkpoint importer checks it).
+3. modulation ``h ⊙ exp(−t·|δ|)``, ``δ = linspace(log(1e-2)/1.5, log(1e-2)/0.3, D)``. ``t`` and ``δ`` are fixed
+   buffers upstream; here they are ``Buffer`` variables (not ``nnx.Param``: no gradient, not optimised), so a
+   checkpoint's exact float32 values are loaded (torch's ``linspace`` differs from numpy's in the last bit).
 
 The reverse MLP (``rev``) has its own Linears but shares ``z``, ``t``, ``freq`` and ``δ``. ``bias`` is the skip
 term ``D`` (``y = conv(v) + D ⊙ v``), not an additive bias; upstream inits it N(0, 1). Filter dropout is never
@@ -34,6 +35,14 @@ from lcjax import sharding
 from lcjax.typing import Array, Float
 
 LINEAR_INITS = ("torch", "bert")
+
+
+class Buffer(nnx.Variable):
+    """A fixed, non-trainable array saved with the model (torch ``register_buffer``)."""
+
+
+def buffer(value: jax.Array, *logical) -> Buffer:
+    return Buffer(value, out_sharding=tuple(logical), eager_sharding=sharding.mesh_active())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,6 +160,8 @@ class HyenaFilter(nnx.Module):
         self.bias = sharding.param(values[0], "mlp")  # the skip term D ~ N(0, 1)
         self.z = sharding.param(jnp.asarray(positional_features(cfg.l_max, cfg.emb_dim)), None, None)
         self.freq = sharding.param(jnp.full((cfg.order,), cfg.w, jnp.float32), None)
+        self.t = buffer(jnp.asarray(time_grid(cfg.l_max)), None)
+        self.deltas = buffer(jnp.asarray(decay_rates(cfg)), "mlp")
         self.implicit_filter = SinMLP(values[1 : 1 + len(mlp)])
         self.implicit_filter_rev = SinMLP(values[1 + len(mlp) :]) if cfg.bidirectional else None
 
@@ -159,7 +170,8 @@ class HyenaFilter(nnx.Module):
         if not 1 <= length <= cfg.l_max:
             raise ValueError(f"HyenaFilter: sequence length {length} must be in [1, l_max={cfg.l_max}]")
         z_LE = self.z[...][:length]
-        decay_LD = jnp.exp(-time_grid(cfg.l_max)[:length, None] * np.abs(decay_rates(cfg))[None, :]) + cfg.shift
+        t_L1, deltas_1D = jax.lax.stop_gradient(self.t[...][:length, None]), jax.lax.stop_gradient(self.deltas[...][None])
+        decay_LD = jnp.exp(-t_L1 * jnp.abs(deltas_1D)) + cfg.shift
         freq = self.freq[...]
         k_LD = self.implicit_filter(z_LE, freq, cfg.w_mod) * decay_LD
         if self.implicit_filter_rev is None:

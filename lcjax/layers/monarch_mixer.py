@@ -84,8 +84,8 @@ def act_param(p: jax.Array, ndim: int, name: str | None) -> jax.Array:
 
 
 def layer_norm(x: Float[Array, "*B D"], weight: Array, bias: Array, eps: float) -> Float[Array, "*B D"]:
-    """``torch.nn.LayerNorm`` over the last axis (biased variance), computed in float32."""
-    x32 = x.astype(jnp.float32)
+    """``torch.nn.LayerNorm`` over the last axis (biased variance), computed in float32 (or float64)."""
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + eps)
