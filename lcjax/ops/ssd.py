@@ -1,0 +1,481 @@
+"""State space duality (SSD): the Mamba-2 sequence mixer as pure functions.
+
+"Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State Space Duality",
+Dao & Gu, ICML 2024, https://arxiv.org/abs/2405.21060 (§6 and Listing 1). Checked against state-spaces/mamba
+``mamba_ssm/modules/ssd_minimal.py`` and ``mamba_ssm/ops/triton/ssd_combined.py`` (seq_idx semantics,
+``_state_passing_fwd``) and HF transformers 5.23.0 ``models/mamba2/modeling_mamba2.py`` (``mamba2_chunk_scan``).
+
+Per head h (group g = h // (H/G) supplies B and C), with Δ = dt > 0 and A < 0:
+
+    S_t = exp(Δ_t·A_h) · S_{t-1} + Δ_t · x_t ⊗ B_t          S_t ∈ R^{P×N}
+    y_t = S_t · C_t + D_h · x_t
+
+Implementations (``Impl``):
+
+* ``naive``: a ``lax.scan`` over time of that recurrence, the reference every other path is tested against.
+* ``chunked``: the SSD block decomposition. Inside a chunk of Q tokens it is quadratic in Q (matmul-shaped, with the
+  stable segment sum); between chunks it is a ``lax.scan`` of the affine map S_k = a_k·S_{k-1} + s_k, so nothing is
+  quadratic in L or in the number of chunks. All decays, cumulative sums and states are in float32 (float64 for
+  float64 inputs); matmul operands keep the input dtype with float32 accumulation.
+
+Context parallelism (``lcjax/ops/ssd_context_parallel.py``, added separately) needs, per sequence shard, the output
+and final state from a zero state (``ssd_chunked``) and how the shard responds to its entering state, which is
+affine (without state clipping): ``initial_state_decay`` returns the per-token decay d_t with
+y(S0) = y(0) + d_t · (C_t · S0) and the total decay a with final(S0) = a·S0 + final(0).
+
+Packed sequences: ``seq_idx_BL`` gives each token a document id; a new document starts wherever the id changes
+from one position to the next. Every document then behaves exactly as if run alone from a zero state; the initial
+state feeds only the first document, and the returned final state is the state of the last document.
+
+Long-context options (off when None): ``decay_scale_H`` multiplies every per-token decay by λ_h ("Stuffed Mamba",
+arXiv 2410.07145, ``da_mult``), ``max_state_norm_H`` rescales each head's state to Frobenius norm ≤ τ_h after
+every chunk of ``chunk_size`` tokens (Stuffed Mamba's state normalisation). ``longmamba_calibrate`` and
+``longmamba_filter`` implement LongMamba's token filtering (arXiv 2504.16053, GATECH-EIC/LongMamba).
+
+Dimension key (lcjax/typing.py): B batch, L length, H heads, P head dim, G groups, N state, C chunks, Q chunk length
+(S: a second position inside a chunk).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lcjax.typing import Array, Bool, Float, Int
+
+
+class Impl(str, enum.Enum):
+    """Which SSD algorithm ``ssd`` runs."""
+
+    NAIVE = "naive"  # sequential lax.scan over time: the reference
+    CHUNKED = "chunked"  # SSD block decomposition, scan over chunks
+
+
+# ---- validation -------------------------------------------------------------------------------------------------
+def _validated_by(check: Callable) -> Callable:
+    """Run ``check(*args, **kwargs)`` before the (runtime type-checked) function, so bad inputs raise ValueError."""
+
+    def decorate(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            check(*args, **kwargs)
+            return f(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _check_float(name: str, a, rank: int) -> None:
+    _require(hasattr(a, "shape") and hasattr(a, "dtype"), f"{name}: expected an array, got {type(a).__name__}")
+    _require(a.ndim == rank, f"{name}: expected rank {rank}, got shape {tuple(a.shape)}")
+    _require(jnp.issubdtype(a.dtype, jnp.floating), f"{name}: expected a floating dtype, got {a.dtype}")
+
+
+def _check_optional_head_vector(name: str, a, H: int) -> None:
+    if a is not None:
+        _check_float(name, a, 1)
+        _require(a.shape == (H,), f"{name}: expected shape (H,) = ({H},), got {tuple(a.shape)}")
+
+
+def _check_ssd_args(
+    x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, *, chunk_size, D_H=None, initial_state_BHPN=None, seq_idx_BL=None,
+    decay_scale_H=None, max_state_norm_H=None, impl=Impl.CHUNKED,
+) -> None:  # fmt: skip
+    for name, a, rank in (("x_BLHP", x_BLHP, 4), ("dt_BLH", dt_BLH, 3), ("A_H", A_H, 1), ("B_BLGN", B_BLGN, 4),
+                          ("C_BLGN", C_BLGN, 4)):  # fmt: skip
+        _check_float(name, a, rank)
+    Bsz, L, H, P = x_BLHP.shape
+    G, N = B_BLGN.shape[2:]
+    _require(L >= 1, f"x_BLHP: length L must be >= 1, got shape {tuple(x_BLHP.shape)}")
+    _require(dt_BLH.shape == (Bsz, L, H), f"dt_BLH: expected shape (B, L, H) = {(Bsz, L, H)}, got {dt_BLH.shape}")
+    _require(A_H.shape == (H,), f"A_H: expected shape (H,) = ({H},), got {tuple(A_H.shape)}")
+    _require(B_BLGN.shape[:2] == (Bsz, L), f"B_BLGN: expected shape (B, L, G, N) with (B, L) = {(Bsz, L)}, got "
+                                           f"{tuple(B_BLGN.shape)}")  # fmt: skip
+    _require(C_BLGN.shape == B_BLGN.shape, f"C_BLGN: expected the shape of B_BLGN {tuple(B_BLGN.shape)}, got "
+                                           f"{tuple(C_BLGN.shape)}")  # fmt: skip
+    _require(G >= 1 and H % G == 0, f"B_BLGN: groups G={G} must divide heads H={H}")
+    _require(isinstance(chunk_size, int | np.integer) and not isinstance(chunk_size, bool) and chunk_size > 0,
+             f"chunk_size: expected a positive int, got {chunk_size!r}")  # fmt: skip
+    _check_optional_head_vector("D_H", D_H, H)
+    _check_optional_head_vector("decay_scale_H", decay_scale_H, H)
+    _check_optional_head_vector("max_state_norm_H", max_state_norm_H, H)
+    if initial_state_BHPN is not None:
+        _check_float("initial_state_BHPN", initial_state_BHPN, 4)
+        _require(initial_state_BHPN.shape == (Bsz, H, P, N), f"initial_state_BHPN: expected shape (B, H, P, N) = "
+                                                             f"{(Bsz, H, P, N)}, got {initial_state_BHPN.shape}")
+    if seq_idx_BL is not None:
+        _require(hasattr(seq_idx_BL, "dtype") and jnp.issubdtype(seq_idx_BL.dtype, jnp.integer),
+                 f"seq_idx_BL: expected an integer array, got {getattr(seq_idx_BL, 'dtype', type(seq_idx_BL))}")
+        _require(seq_idx_BL.shape == (Bsz, L), f"seq_idx_BL: expected shape (B, L) = {(Bsz, L)}, got "
+                                               f"{tuple(seq_idx_BL.shape)}")  # fmt: skip
+    try:
+        Impl(impl)
+    except ValueError:
+        raise ValueError(f"impl: unknown SSD implementation {impl!r}; allowed: {[i.value for i in Impl]}") from None
+
+
+def _acc_dtype(dtype) -> jnp.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def segment_ids(seq_idx_BL: Int[Array, "B L"]) -> Int[Array, "B L"]:
+    """0, 1, 2, ...: increases by one wherever ``seq_idx`` changes between neighbouring positions."""
+    change_BL = seq_idx_BL[:, 1:] != seq_idx_BL[:, :-1]
+    first_B1 = jnp.zeros((seq_idx_BL.shape[0], 1), jnp.int32)
+    return jnp.concatenate([first_B1, jnp.cumsum(change_BL, axis=1, dtype=jnp.int32)], axis=1)
+
+
+def _log_decay(dt_BLH, A_H, decay_scale_H, acc) -> Float[Array, "B L H"]:
+    a_BLH = dt_BLH.astype(acc) * A_H.astype(acc)[None, None, :]
+    if decay_scale_H is not None:
+        a_BLH = a_BLH + jnp.log(decay_scale_H.astype(acc))[None, None, :]
+    return a_BLH
+
+
+def _clip_state_norm(S_BHPN: Float[Array, "B H P N"], max_norm_H: Float[Array, " H"]) -> Float[Array, "B H P N"]:
+    """S_h <- S_h · min(1, τ_h / ||S_h||_F), NaN-free in value and gradient (also for S = 0 and τ = inf)."""
+    sq_BH = jnp.sum(jnp.square(S_BHPN), axis=(2, 3))
+    tau_1H = max_norm_H.astype(S_BHPN.dtype)[None, :]
+    over_BH = sq_BH > jnp.square(tau_1H)
+    scale_BH = jnp.where(over_BH, tau_1H * lax.rsqrt(jnp.where(over_BH, sq_BH, 1.0)), 1.0)
+    return S_BHPN * scale_BH[:, :, None, None]
+
+
+# ---- one recurrent step (decoding) and the naive reference ------------------------------------------------------
+def ssd_step(
+    state_BHPN: Float[Array, "B H P N"],
+    x_BHP: Float[Array, "B H P"],
+    dt_BH: Float[Array, "B H"],
+    A_H: Float[Array, " H"],
+    B_BGN: Float[Array, "B G N"],
+    C_BGN: Float[Array, "B G N"],
+    *,
+    D_H: Float[Array, " H"] | None = None,
+    decay_scale_H: Float[Array, " H"] | None = None,
+    max_state_norm_H: Float[Array, " H"] | None = None,
+) -> tuple[Float[Array, "B H P"], Float[Array, "B H P N"]]:
+    """One token of the recurrence: O(1) in the sequence length. Returns (y_BHP, new state).
+
+    The state is kept in float32 (float64 for float64 inputs); y has x's dtype. ``max_state_norm_H`` clips the new
+    state after the output is read (a chunk of one token).
+    """
+    Bsz, H, P = x_BHP.shape
+    G, N = B_BGN.shape[1:]
+    acc = _acc_dtype(x_BHP.dtype)
+    a_BH = _log_decay(dt_BH[:, None, :], A_H, decay_scale_H, acc)[:, 0]
+    x_BGRP = x_BHP.astype(acc).reshape(Bsz, G, H // G, P)
+    dt_BGR = dt_BH.astype(acc).reshape(Bsz, G, H // G)
+    S_BGRPN = state_BHPN.astype(acc).reshape(Bsz, G, H // G, P, N)
+    write_BGRPN = jnp.einsum("BGR,BGRP,BGN->BGRPN", dt_BGR, x_BGRP, B_BGN.astype(acc))
+    S_BGRPN = jnp.exp(a_BH).reshape(Bsz, G, H // G)[..., None, None] * S_BGRPN + write_BGRPN
+    y_BGRP = jnp.einsum("BGRPN,BGN->BGRP", S_BGRPN, C_BGN.astype(acc))
+    y_BHP = y_BGRP.reshape(Bsz, H, P)
+    if D_H is not None:
+        y_BHP = y_BHP + D_H.astype(acc)[None, :, None] * x_BHP.astype(acc)
+    state_BHPN = S_BGRPN.reshape(Bsz, H, P, N)
+    if max_state_norm_H is not None:
+        state_BHPN = _clip_state_norm(state_BHPN, max_state_norm_H)
+    return y_BHP.astype(x_BHP.dtype), state_BHPN
+
+
+@_validated_by(_check_ssd_args)
+def ssd_naive(
+    x_BLHP: Float[Array, "B L H P"],
+    dt_BLH: Float[Array, "B L H"],
+    A_H: Float[Array, " H"],
+    B_BLGN: Float[Array, "B L G N"],
+    C_BLGN: Float[Array, "B L G N"],
+    *,
+    chunk_size: int,
+    D_H: Float[Array, " H"] | None = None,
+    initial_state_BHPN: Float[Array, "B H P N"] | None = None,
+    seq_idx_BL: Int[Array, "B L"] | None = None,
+    decay_scale_H: Float[Array, " H"] | None = None,
+    max_state_norm_H: Float[Array, " H"] | None = None,
+) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
+    """Reference: ``lax.scan`` of ``ssd_step`` over time, resetting the state where a new document starts.
+
+    ``chunk_size`` only matters for ``max_state_norm_H``: the state is clipped after positions t with
+    (t + 1) % chunk_size == 0 and after the last position, as the chunked algorithm does at its chunk ends.
+    """
+    Bsz, L, H, P = x_BLHP.shape
+    N = B_BLGN.shape[-1]
+    acc = _acc_dtype(x_BLHP.dtype)
+    S0_BHPN = jnp.zeros((Bsz, H, P, N), acc) if initial_state_BHPN is None else initial_state_BHPN.astype(acc)
+    if seq_idx_BL is None:
+        reset_BL = jnp.zeros((Bsz, L), bool)
+    else:
+        seg_BL = segment_ids(seq_idx_BL)
+        reset_BL = jnp.concatenate([jnp.zeros((Bsz, 1), bool), seg_BL[:, 1:] != seg_BL[:, :-1]], axis=1)
+    t_L = jnp.arange(L)
+    clip_L = ((t_L + 1) % chunk_size == 0) | (t_L == L - 1)
+
+    def body(S_BHPN, inputs):
+        x_BHP, dt_BH, B_BGN, C_BGN, reset_B, clip = inputs
+        S_BHPN = jnp.where(reset_B[:, None, None, None], 0.0, S_BHPN)
+        y_BHP, S_BHPN = ssd_step(S_BHPN, x_BHP, dt_BH, A_H, B_BGN, C_BGN, D_H=D_H, decay_scale_H=decay_scale_H)
+        if max_state_norm_H is not None:
+            S_BHPN = jnp.where(clip, _clip_state_norm(S_BHPN, max_state_norm_H), S_BHPN)
+        return S_BHPN, y_BHP
+
+    time_major = lambda a: jnp.moveaxis(a, 1, 0)
+    inputs = tuple(map(time_major, (x_BLHP, dt_BLH, B_BLGN, C_BLGN, reset_BL))) + (clip_L,)
+    final_BHPN, y_LBHP = lax.scan(body, S0_BHPN, inputs)
+    return jnp.moveaxis(y_LBHP, 0, 1), final_BHPN
+
+
+# ---- chunked SSD ------------------------------------------------------------------------------------------------
+def _segsum_decay(a_BCHQ: Float[Array, "B C H Q"], mask_BCQS: Bool[Array, "B C Q S"] | None) -> Float[Array, "B C H Q S"]:
+    """exp(Σ_{k=s+1..q} a_k) for s <= q (and 0 above the diagonal or across documents): the stable segment sum.
+
+    Builds the (q, s) matrix holding a_q below the diagonal and cumsums it down the q axis, so each entry is a sum
+    of the few terms it needs rather than a difference of two long cumulative sums.
+    """
+    Q = a_BCHQ.shape[-1]
+    below_QS = jnp.tril(jnp.ones((Q, Q), bool), -1)
+    causal_QS = jnp.tril(jnp.ones((Q, Q), bool), 0)
+    segsum_BCHQS = jnp.cumsum(jnp.where(below_QS[None, None, None], a_BCHQ[..., :, None], 0.0), axis=-2)
+    keep = causal_QS[None, None, None] if mask_BCQS is None else causal_QS[None, None, None] & mask_BCQS[:, :, None]
+    return jnp.where(keep, jnp.exp(segsum_BCHQS), 0.0)
+
+
+@_validated_by(_check_ssd_args)
+def ssd_chunked(
+    x_BLHP: Float[Array, "B L H P"],
+    dt_BLH: Float[Array, "B L H"],
+    A_H: Float[Array, " H"],
+    B_BLGN: Float[Array, "B L G N"],
+    C_BLGN: Float[Array, "B L G N"],
+    *,
+    chunk_size: int,
+    D_H: Float[Array, " H"] | None = None,
+    initial_state_BHPN: Float[Array, "B H P N"] | None = None,
+    seq_idx_BL: Int[Array, "B L"] | None = None,
+    decay_scale_H: Float[Array, " H"] | None = None,
+    max_state_norm_H: Float[Array, " H"] | None = None,
+) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
+    """Chunked SSD (paper §6): intra-chunk dual form + a scan over chunk states. Any L (padded internally).
+
+    Work is O(L·Q·(N + P)·H) and memory O(L·Q·H) for the intra-chunk decay matrices: pick a smaller ``chunk_size``
+    (64-128) for very long inputs. A chunk larger than L is shrunk to L (the result does not depend on Q).
+    """
+    Bsz, L, H, P = x_BLHP.shape
+    G, N = B_BLGN.shape[2:]
+    R = H // G
+    acc = _acc_dtype(x_BLHP.dtype)
+    mm = x_BLHP.dtype if x_BLHP.dtype != jnp.float64 else acc  # matmul operand dtype
+    Q = min(chunk_size, L)
+    nC = -(-L // Q)
+    pad = nC * Q - L
+
+    # Discretise first, then pad with zeros: a = 0 and X = 0 leave outputs and the final state untouched.
+    a_BLH = _log_decay(dt_BLH, A_H, decay_scale_H, acc)
+    X_BLHP = x_BLHP.astype(acc) * dt_BLH.astype(acc)[..., None]
+    time_pad = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    a_BCQH = time_pad(a_BLH).reshape(Bsz, nC, Q, H)
+    X_BCQGRP = time_pad(X_BLHP).reshape(Bsz, nC, Q, G, R, P)
+    B_BCQGN = time_pad(B_BLGN).reshape(Bsz, nC, Q, G, N).astype(mm)
+    C_BCQGN = time_pad(C_BLGN).reshape(Bsz, nC, Q, G, N).astype(mm)
+    acs_BCQH = jnp.cumsum(a_BCQH, axis=2)  # decay from the chunk start, inclusive
+
+    if seq_idx_BL is None:
+        seg_BCQ = same_seg_BCQS = None
+    else:  # padding joins the last document
+        seg_BCQ = jnp.pad(segment_ids(seq_idx_BL), [(0, 0), (0, pad)], mode="edge").reshape(Bsz, nC, Q)
+        same_seg_BCQS = seg_BCQ[:, :, :, None] == seg_BCQ[:, :, None, :]
+        # Document of the state entering chunk k: that of the previous chunk's last token (chunk 0: document 0).
+        prev_seg_BC = jnp.concatenate([jnp.zeros((Bsz, 1), jnp.int32), seg_BCQ[:, :-1, -1]], axis=1)
+
+    # 1. Intra-chunk outputs (the diagonal blocks of the semiseparable matrix).
+    L_BCHQS = _segsum_decay(jnp.moveaxis(a_BCQH, 3, 2), same_seg_BCQS)
+    CB_BCGQS = jnp.einsum("BCQGN,BCSGN->BCGQS", C_BCQGN, B_BCQGN, preferred_element_type=acc)
+    M_BCGRQS = CB_BCGQS[:, :, :, None] * L_BCHQS.reshape(Bsz, nC, G, R, Q, Q)
+    y_BCQGRP = jnp.einsum("BCGRQS,BCSGRP->BCQGRP", M_BCGRQS.astype(mm), X_BCQGRP.astype(mm),
+                          preferred_element_type=acc)  # fmt: skip
+
+    # 2. Each chunk's own final state (tokens weighted by their decay to the chunk end).
+    to_end_BCQH = jnp.exp(acs_BCQH[:, :, -1:, :] - acs_BCQH)
+    if seg_BCQ is not None:
+        to_end_BCQH = jnp.where((seg_BCQ == seg_BCQ[:, :, -1:])[..., None], to_end_BCQH, 0.0)
+    Xw_BCQGRP = (X_BCQGRP * to_end_BCQH.reshape(Bsz, nC, Q, G, R)[..., None]).astype(mm)
+    s_BCGRPN = jnp.einsum("BCQGN,BCQGRP->BCGRPN", B_BCQGN, Xw_BCQGRP, preferred_element_type=acc)
+
+    # 3. State passing: a linear recurrence over chunks, S_k = a_k · S_{k-1} + s_k (not the (C x C) listing form).
+    a_BCH = jnp.exp(acs_BCQH[:, :, -1, :])
+    if seg_BCQ is not None:  # a document boundary inside chunk k: nothing of S_{k-1} survives it
+        a_BCH = jnp.where((seg_BCQ[:, :, -1] == prev_seg_BC)[..., None], a_BCH, 0.0)
+    S0_BHPN = jnp.zeros((Bsz, H, P, N), acc) if initial_state_BHPN is None else initial_state_BHPN.astype(acc)
+    final_BHPN, enter_CBHPN = chunk_state_scan(
+        S0_BHPN, jnp.moveaxis(a_BCH, 1, 0), jnp.moveaxis(s_BCGRPN.reshape(Bsz, nC, H, P, N), 1, 0),
+        max_state_norm_H=max_state_norm_H,
+    )  # fmt: skip
+    enter_BCGRPN = jnp.moveaxis(enter_CBHPN, 0, 1).reshape(Bsz, nC, G, R, P, N)
+
+    # 4. Entering state -> outputs (the off-diagonal blocks).
+    from_start_BCQH = jnp.exp(acs_BCQH)
+    if seg_BCQ is not None:
+        from_start_BCQH = jnp.where((seg_BCQ == prev_seg_BC[:, :, None])[..., None], from_start_BCQH, 0.0)
+    y_off_BCQGRP = jnp.einsum("BCQGN,BCGRPN->BCQGRP", C_BCQGN.astype(acc), enter_BCGRPN)
+    y_BCQGRP = y_BCQGRP + y_off_BCQGRP * from_start_BCQH.reshape(Bsz, nC, Q, G, R)[..., None]
+
+    y_BLHP = y_BCQGRP.reshape(Bsz, nC * Q, H, P)[:, :L]
+    if D_H is not None:
+        y_BLHP = y_BLHP + D_H.astype(acc)[None, None, :, None] * x_BLHP.astype(acc)
+    return y_BLHP.astype(x_BLHP.dtype), final_BHPN
+
+
+def chunk_state_scan(
+    S0_BHPN: Float[Array, "B H P N"],
+    a_CBH: Float[Array, "C B H"],
+    s_CBHPN: Float[Array, "C B H P N"],
+    *,
+    max_state_norm_H: Float[Array, " H"] | None = None,
+) -> tuple[Float[Array, "B H P N"], Float[Array, "C B H P N"]]:
+    """S_k = a_k · S_{k-1} + s_k over chunks (``lax.scan``). Returns (final state, the state entering each chunk).
+
+    With ``max_state_norm_H`` every S_k is clipped to Frobenius norm <= τ_h before it is passed on.
+    """
+
+    def body(S_BHPN, inputs):
+        a_BH, s_BHPN = inputs
+        S_next = a_BH[:, :, None, None] * S_BHPN + s_BHPN
+        if max_state_norm_H is not None:
+            S_next = _clip_state_norm(S_next, max_state_norm_H)
+        return S_next, S_BHPN
+
+    return lax.scan(body, S0_BHPN, (a_CBH, s_CBHPN))
+
+
+def initial_state_decay(
+    dt_BLH: Float[Array, "B L H"],
+    A_H: Float[Array, " H"],
+    *,
+    seq_idx_BL: Int[Array, "B L"] | None = None,
+    decay_scale_H: Float[Array, " H"] | None = None,
+) -> tuple[Float[Array, "B L H"], Float[Array, "B H"]]:
+    """How an entering state reaches each token and the end: (d_BLH, a_BH), float32.
+
+    ``ssd`` is affine in its initial state S0 (without ``max_state_norm_H``): y_t(S0) = y_t(0) + d_t · (C_t · S0)
+    and final(S0) = a · S0 + final(0), with d_t = exp(Σ_{s<=t} Δ_s A) for tokens of the first document (0 after a
+    boundary) and a = d_{L-1}. This is the per-shard piece of context-parallel state passing (paper §8.2).
+    """
+    acc = _acc_dtype(dt_BLH.dtype)
+    d_BLH = jnp.exp(jnp.cumsum(_log_decay(dt_BLH, A_H, decay_scale_H, acc), axis=1))
+    if seq_idx_BL is not None:
+        d_BLH = jnp.where((segment_ids(seq_idx_BL) == 0)[..., None], d_BLH, 0.0)
+    return d_BLH, d_BLH[:, -1]
+
+
+# ---- dispatcher -------------------------------------------------------------------------------------------------
+@_validated_by(_check_ssd_args)
+def ssd(
+    x_BLHP: Float[Array, "B L H P"],
+    dt_BLH: Float[Array, "B L H"],
+    A_H: Float[Array, " H"],
+    B_BLGN: Float[Array, "B L G N"],
+    C_BLGN: Float[Array, "B L G N"],
+    *,
+    chunk_size: int,
+    D_H: Float[Array, " H"] | None = None,
+    initial_state_BHPN: Float[Array, "B H P N"] | None = None,
+    seq_idx_BL: Int[Array, "B L"] | None = None,
+    decay_scale_H: Float[Array, " H"] | None = None,
+    max_state_norm_H: Float[Array, " H"] | None = None,
+    impl: Impl | str = Impl.CHUNKED,
+) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
+    """The SSD mixer: (y_BLHP in x's dtype, final_state_BHPN in float32). See the module docstring.
+
+    ``dt_BLH`` is the positive step Δ (softplus and dt_bias already applied), ``A_H`` negative. Heads share B and C
+    within a group: group g serves heads [g·H/G, (g+1)·H/G). ``D_H`` adds the skip D_h·x_t.
+    """
+    fn = {Impl.NAIVE: ssd_naive, Impl.CHUNKED: ssd_chunked}[Impl(impl)]
+    return fn(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size=chunk_size, D_H=D_H,
+              initial_state_BHPN=initial_state_BHPN, seq_idx_BL=seq_idx_BL, decay_scale_H=decay_scale_H,
+              max_state_norm_H=max_state_norm_H)  # fmt: skip
+
+
+# ---- LongMamba token filtering ----------------------------------------------------------------------------------
+def _interpolate_linear(v_HL: Float[Array, "H L"], size: int) -> Float[Array, "H S"]:
+    """Resample the last axis to ``size`` points like ``torch.nn.functional.interpolate(mode="linear")``."""
+    n = v_HL.shape[-1]
+    src_S = jnp.maximum((jnp.arange(size, dtype=jnp.float32) + 0.5) * (n / size) - 0.5, 0.0)
+    lo_S = jnp.minimum(jnp.floor(src_S).astype(jnp.int32), n - 1)
+    hi_S = jnp.minimum(lo_S + 1, n - 1)
+    w_S = src_S - lo_S.astype(jnp.float32)
+    return v_HL[:, lo_S] * (1.0 - w_S)[None, :] + v_HL[:, hi_S] * w_S[None, :]
+
+
+def longmamba_calibrate(
+    delta_BLH: Float[Array, "B L H"],
+    A_H: Float[Array, " H"],
+    *,
+    target_lengths: Sequence[int],
+    clamp_top: float | None = None,
+) -> tuple[Float[Array, " H"], Float[Array, "T H"]]:
+    """LongMamba calibration from the steps Δ of B samples of the training length L: (decay_H, threshold_TH).
+
+    decay_h = exp(A_h · Σ_t Δ_ht) (heads with decay > c are "global"); for each target length T > L the threshold
+    θ_h(T) keeps the largest Δ whose sum first exceeds the budget Σ_t Δ_ht: the descending sorted Δ is resampled
+    to T points, θ = sorted[k + 1] with k the first index whose cumulative sum exceeds the budget (θ = 0, i.e. no
+    filtering, for T <= L). ``clamp_top`` first clamps Δ to its ``clamp_top`` upper quantile (the released
+    calibration scripts use 0.15-0.20). Both statistics are averaged over the samples.
+    """
+    if not target_lengths or any(not isinstance(t, int | np.integer) or t < 1 for t in target_lengths):
+        raise ValueError(f"target_lengths: expected positive ints, got {target_lengths!r}")
+    if clamp_top is not None and not 0.0 < clamp_top <= 1.0:
+        raise ValueError(f"clamp_top: expected a fraction in (0, 1], got {clamp_top!r}")
+    Bsz, L, H = delta_BLH.shape
+    delta_BHL = jnp.moveaxis(delta_BLH.astype(jnp.float32), 1, 2)
+    if clamp_top is not None:
+        k = max(1, int(L * clamp_top))
+        kth_BH = lax.top_k(delta_BHL, k)[0][..., -1]
+        delta_BHL = jnp.minimum(delta_BHL, kth_BH[..., None])
+    budget_BH = jnp.sum(delta_BHL, axis=-1)
+    decay_H = jnp.mean(jnp.exp(A_H.astype(jnp.float32)[None, :] * budget_BH), axis=0)
+    sorted_BHL = -jnp.sort(-delta_BHL, axis=-1)
+    thresholds = []
+    for T in target_lengths:
+        if T <= L:
+            thresholds.append(jnp.zeros((H,), jnp.float32))
+            continue
+        curve_BHT = jax.vmap(lambda v: _interpolate_linear(v, int(T)))(sorted_BHL)
+        over_BHT = jnp.cumsum(curve_BHT, axis=-1) > budget_BH[..., None]
+        k_BH = jnp.minimum(jnp.argmax(over_BHT, axis=-1) + 1, int(T) - 1)
+        theta_BH = jnp.take_along_axis(curve_BHT, k_BH[..., None], axis=-1)[..., 0]
+        thresholds.append(jnp.mean(theta_BH, axis=0))
+    return decay_H, jnp.stack(thresholds)
+
+
+def longmamba_filter(
+    delta_BLH: Float[Array, "B L H"],
+    global_H: Bool[Array, " H"],
+    threshold_H: Float[Array, " H"],
+) -> Float[Array, "B L H"]:
+    """Δ'_ht = Δ_ht · 1[Δ_ht > θ_h] on global heads; local heads pass through unchanged (bit for bit).
+
+    A filtered token has Δ' = 0: decay exp(0) = 1 and no write, so the state skips it.
+    """
+    keep_BLH = (delta_BLH > threshold_H.astype(delta_BLH.dtype)[None, None, :]) | ~global_H[None, None, :]
+    return jnp.where(keep_BLH, delta_BLH, jnp.zeros_like(delta_BLH))
+
+
+def nearest_length(lengths: Sequence[int], L: int) -> int:
+    """Index of the calibrated length closest to L (the first one on ties), as LongMamba picks it."""
+    return int(min(range(len(lengths)), key=lambda i: abs(L - lengths[i])))
+
+
+__all__ = ["Impl", "ssd", "ssd_naive", "ssd_chunked", "ssd_step", "chunk_state_scan", "initial_state_decay",
+           "segment_ids", "longmamba_calibrate", "longmamba_filter", "nearest_length"]  # fmt: skip
