@@ -399,7 +399,8 @@ def ssd(
     """The SSD mixer: (y_BLHP in x's dtype, final_state_BHPN in float32). See the module docstring.
 
     ``dt_BLH`` is the positive step Δ (softplus and dt_bias already applied), ``A_H`` negative. Heads share B and C
-    within a group: group g serves heads [g·H/G, (g+1)·H/G). ``D_H`` adds the skip D_h·x_t.
+    within a group: group g serves heads [g·H/G, (g+1)·H/G). ``D_H`` adds the skip D_h·x_t. With ``seq_idx_BL``
+    the initial state feeds the first document only and the final state is the last document's.
     """
     fn = {Impl.NAIVE: ssd_naive, Impl.CHUNKED: ssd_chunked}[Impl(impl)]
     return fn(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size=chunk_size, D_H=D_H,
@@ -424,8 +425,8 @@ def longmamba_calibrate(
     *,
     target_lengths: Sequence[int],
     clamp_top: float | None = None,
-) -> tuple[Float[Array, " H"], Float[Array, "T H"]]:
-    """LongMamba calibration from the steps Δ of B samples of the training length L: (decay_H, threshold_TH).
+) -> tuple[Float[Array, " H"], Float[Array, "n_lengths H"]]:
+    """LongMamba calibration from the steps Δ of B samples of the training length L: (decay_H, threshold per target length and head).
 
     decay_h = exp(A_h · Σ_t Δ_ht) (heads with decay > c are "global"); for each target length T > L the threshold
     θ_h(T) keeps the largest Δ whose sum first exceeds the budget Σ_t Δ_ht: the descending sorted Δ is resampled
