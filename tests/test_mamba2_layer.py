@@ -101,7 +101,8 @@ def test_init_matches_upstream_recipe():
     bound = 1 / math.sqrt(cfg.d_model)
     assert float(jnp.max(jnp.abs(m.in_proj["z"][...]))) <= bound and float(jnp.max(jnp.abs(m.conv1d["x"][...]))) <= 0.5
     names = sharding.logical_metadata(m)
-    assert names["in_proj"]["x"] == ("embed", "heads", "head_dim") and names["out_proj"] == ("heads", "head_dim", "embed")
+    assert names["in_proj"]["x"] == ("embed", "heads", "head_dim")
+    assert names["out_proj"] == ("heads", "head_dim", "embed")
     assert names["conv1d"]["B"] == ("conv", None, "ssm_state") and names["A_log"] == ("heads",)
     assert not nnx.state(m, LongContextStat)  # no statistics unless an option needs them
 

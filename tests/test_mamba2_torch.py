@@ -54,7 +54,8 @@ def test_forward_and_cached_decoding_match_hf(case):
     with torch.no_grad():
         ref = m(x).numpy()
         cache = DynamicCache(config=cfg)  # HF's cache path: chunked prefill of 30, then 7 single-token updates
-        ref_cached = [m(x[:, :30], cache_params=cache)] + [m(x[:, t : t + 1], cache_params=cache) for t in range(30, 37)]
+        ref_cached = [m(x[:, :30], cache_params=cache)]
+        ref_cached += [m(x[:, t : t + 1], cache_params=cache) for t in range(30, 37)]
     y, _ = forward(mixer, jnp.asarray(x.numpy()), None)
     np.testing.assert_allclose(y, ref, **F32_MODULE)
 

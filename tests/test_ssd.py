@@ -32,7 +32,7 @@ def make_inputs(rng, Bsz=2, L=19, H=4, P=3, G=2, N=5, dtype=np.float32):
 
 
 def dense_oracle(x, dt, A, B, C, *, D=None, S0=None, seq_idx=None):
-    """float64 numpy: y_t = Σ_{s<=t, same document} (C_t·B_s) exp(Σ_{s<k<=t} Δ_k A) Δ_s x_s + initial-state term."""
+    """float64 numpy: y_t = Σ_{s<=t, same doc} (C_t·B_s) exp(Σ_{s<k<=t} Δ_k A) Δ_s x_s + initial-state term."""
     x, dt, A, B, C = (np.asarray(a, np.float64) for a in (x, dt, A, B, C))
     Bsz, L, H, P = x.shape
     G, N = B.shape[2:]

@@ -32,7 +32,7 @@ def mixer_config_from_hf(hf_config: Any, **overrides) -> Mamba2Config:
     """``Mamba2Config`` of a ``transformers.Mamba2Config`` (or anything with its attribute names)."""
     expand, rem = divmod(int(hf_config.expand * hf_config.hidden_size), hf_config.hidden_size)
     if rem:
-        raise ValueError(f"hf_config.expand={hf_config.expand}: lcjax needs expand·hidden_size a multiple of hidden_size")
+        raise ValueError(f"hf_config.expand={hf_config.expand}: expand·hidden_size must be a multiple of hidden_size")
     fields = dict(
         d_model=hf_config.hidden_size, d_state=hf_config.state_size, d_conv=hf_config.conv_kernel, expand=expand,
         head_dim=hf_config.head_dim, n_groups=hf_config.n_groups, chunk_size=hf_config.chunk_size,

@@ -466,7 +466,8 @@ class Mamba2(nnx.Module):
             want = self.init_state(x_BLD.shape[0])
             if not isinstance(state, Mamba2State) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(state, want)):
                 got = [tuple(a.shape) for a in state] if isinstance(state, tuple) else type(state).__name__
-                raise ValueError(f"state: expected a Mamba2State with shapes {[tuple(a.shape) for a in want]}, got {got}")
+                want_shapes = [tuple(a.shape) for a in want]
+                raise ValueError(f"state: expected a Mamba2State with shapes {want_shapes}, got {got}")
 
 
 def _groups_for_heads(B_BLGN, C_BLGN, H: int):

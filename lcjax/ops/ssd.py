@@ -238,7 +238,9 @@ def ssd_naive(
 
 
 # ---- chunked SSD ------------------------------------------------------------------------------------------------
-def _segsum_decay(a_BCHQ: Float[Array, "B C H Q"], mask_BCQS: Bool[Array, "B C Q S"] | None) -> Float[Array, "B C H Q S"]:
+def _segsum_decay(
+    a_BCHQ: Float[Array, "B C H Q"], mask_BCQS: Bool[Array, "B C Q S"] | None
+) -> Float[Array, "B C H Q S"]:
     """exp(Σ_{k=s+1..q} a_k) for s <= q (and 0 above the diagonal or across documents): the stable segment sum.
 
     Builds the (q, s) matrix holding a_q below the diagonal and cumsums it down the q axis, so each entry is a sum
@@ -426,7 +428,7 @@ def longmamba_calibrate(
     target_lengths: Sequence[int],
     clamp_top: float | None = None,
 ) -> tuple[Float[Array, " H"], Float[Array, "n_lengths H"]]:
-    """LongMamba calibration from the steps Δ of B samples of the training length L: (decay_H, threshold per target length and head).
+    """LongMamba calibration from the steps Δ of B samples of training length L: (decay_H, θ per target length, head).
 
     decay_h = exp(A_h · Σ_t Δ_ht) (heads with decay > c are "global"); for each target length T > L the threshold
     θ_h(T) keeps the largest Δ whose sum first exceeds the budget Σ_t Δ_ht: the descending sorted Δ is resampled
