@@ -33,13 +33,18 @@ P head dim.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from lcjax.ops import masks
-from lcjax.ops.attention_blockwise import DEFAULT_BLOCK, blockwise_bwd, blockwise_fwd, merge_attention
+# The tile kernels of the blockwise flash attention (one (q tile, kv tile) online-softmax update, one tile's
+# gradients, the tile mask and the tiling helpers) are shared; the loops around them are ring specific.
+from lcjax.ops.attention_blockwise import (
+    DEFAULT_BLOCK, _kv_valid_tiles, _tile_bwd, _tile_fwd, _tile_mask, _tiles, _untile,
+)  # fmt: skip
 from lcjax.typing import Array, Float, Int
 
 __all__ = ["ring_attention", "default_block", "check_axis_name", "check_cp_inputs", "validated"]
@@ -109,32 +114,39 @@ def validated(f):
     return wrapper
 
 
-# ---- one hop ---------------------------------------------------------------------------------------------------
-def _hop_fwd(q, k, v, qp, kp, qs, ks, *, causal, window, scale, bq, bk):
-    """Float32 (out, lse) of the local queries against one K/V block; (0, -inf) if the block is invisible."""
+# ---- tiled layout shared by the forward and backward ring ----------------------------------------------------------
+# The local queries are tiled once ([nq, B, bq, ...]) and the K/V block travels the ring already tiled
+# ([nk, B, bk, ...]), so no hop re-tiles anything. The online-softmax state (m, l, o) and the dq / dk / dv float32
+# accumulators stay in the tiled layout across hops and are updated in place (``.at[i].set``), one buffer each.
+class _Tiling(NamedTuple):
+    B: int
+    L: int
+    S: int
+    K: int
+    R: int
+    P: int
+    bq: int
+    bk: int
+    nq: int
+    nk: int
+    valid: Array | None  # [nk, bk] real keys (None when S is a multiple of bk)
+
+
+def _tiling(q, k, bq, bk) -> _Tiling:
     B, L, H, P = q.shape
-
-    def compute(_):
-        return blockwise_fwd(q, k, v, q_positions=qp, kv_positions=kp, q_segment_ids=qs, kv_segment_ids=ks,
-                             causal=causal, window=window, scale=scale, block_q=bq, block_kv=bk)
-
-    def skip(_):
-        return jnp.zeros((B, L, H, P), _F32), jnp.full((B, L, H), -jnp.inf, _F32)
-
-    return lax.cond(masks.tile_may_attend(qp, kp, qs, ks, causal=causal, window=window), compute, skip, None)
+    S, K = k.shape[1], k.shape[2]
+    return _Tiling(B, L, S, K, H // K, P, bq, bk, -(-L // bq), -(-S // bk), _kv_valid_tiles(S, bk))
 
 
-def _hop_bwd(q, k, v, do, lse, delta, qp, kp, qs, ks, *, causal, window, scale, bq, bk):
-    """Float32 (dq, dk, dv) contributions of one K/V block; zeros if the block is invisible."""
+def _kv_tiles(t: _Tiling, k, v, kp, ks):
+    """The travelling block: k, v ``[nk, B, bk, K, P]``, positions (and segment ids) ``[nk, B, bk]``."""
+    kv = (_tiles(k, t.bk), _tiles(v, t.bk), _tiles(kp, t.bk, edge=True))  # edge: min/max stay in range
+    return kv if ks is None else kv + (_tiles(ks, t.bk, edge=True),)
 
-    def compute(_):
-        return blockwise_bwd(q, k, v, do, lse, delta, q_positions=qp, kv_positions=kp, q_segment_ids=qs,
-                             kv_segment_ids=ks, causal=causal, window=window, scale=scale, block_q=bq, block_kv=bk)
 
-    def skip(_):
-        return jnp.zeros(q.shape, _F32), jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32)
-
-    return lax.cond(masks.tile_may_attend(qp, kp, qs, ks, causal=causal, window=window), compute, skip, None)
+def _flat(x_nBb):
+    """``[n_tiles, B, block]`` -> ``[B, n_tiles * block]`` (min/max of a whole block, for hop skipping)."""
+    return jnp.moveaxis(x_nBb, 0, 1).reshape(x_nBb.shape[1], -1)
 
 
 def _shift(tree, axis_name, n):
@@ -147,31 +159,56 @@ def _ring_size(axis_name) -> int:
     return 1 if axis_name is None else lax.axis_size(axis_name)
 
 
-# ---- forward and backward over the ring ------------------------------------------------------------------------
+# ---- forward ----------------------------------------------------------------------------------------------------------
 def _ring_fwd_impl(q, k, v, qp, kp, qs, ks, axis_name, causal, window, scale, bq, bk):
+    t = _tiling(q, k, bq, bk)
     n = _ring_size(axis_name)
     ring_seg = qs is not None  # without segment ids every token is in segment 0: nothing to send
     qs_ = qs if ring_seg else jnp.zeros(qp.shape, jnp.int32)
-    ks0 = jnp.zeros(kp.shape, jnp.int32)
+    q_t = _tiles(q.reshape(t.B, t.L, t.K, t.R, t.P), bq)
+    qp_t, qs_t = _tiles(qp, bq, edge=True), _tiles(qs_, bq, edge=True)
+    ks0_t = None if ring_seg else _tiles(jnp.zeros(kp.shape, jnp.int32), bk, edge=True)
+    kv_block = lambda kv: (*kv[:3], kv[3] if ring_seg else ks0_t)  # noqa: E731
 
-    def hop(kv):
-        return _hop_fwd(q, kv[0], kv[1], qp, kv[2], qs_, kv[3] if ring_seg else ks0,
-                        causal=causal, window=window, scale=scale, bq=bq, bk=bk)
+    def hop(state, kv):
+        k_t, v_t, kp_t, ks_t = kv_block(kv)
 
-    kv = (k, v, kp, ks) if ring_seg else (k, v, kp)
+        def q_tile(i, state):
+            m, l_, o = state
+            q_i, qp_i, qs_i = q_t[i], qp_t[i], qs_t[i]
+
+            def kv_step(c, j):
+                def compute(c):
+                    mask = _tile_mask(qp_i, kp_t[j], qs_i, ks_t[j], None if t.valid is None else t.valid[j], causal,
+                                      window)  # fmt: skip
+                    return _tile_fwd(c, q_i, k_t[j], v_t[j], mask, scale)
+
+                visible = masks.tile_may_attend(qp_i, kp_t[j], qs_i, ks_t[j], causal=causal, window=window)
+                return lax.cond(visible, compute, lambda c: c, c), None
+
+            (m_i, l_i, o_i), _ = lax.scan(kv_step, (m[i], l_[i], o[i]), jnp.arange(t.nk))
+            return m.at[i].set(m_i), l_.at[i].set(l_i), o.at[i].set(o_i)
+
+        visible = masks.tile_may_attend(qp, _flat(kp_t), qs_, _flat(ks_t), causal=causal, window=window)
+        return lax.cond(visible, lambda s: lax.fori_loop(0, t.nq, q_tile, s), lambda s: s, state)
 
     def body(carry, _):
-        out, lse, kv = carry
+        state, kv = carry
         kv_next = _shift(kv, axis_name, n)  # issued first so the transfer can overlap this hop's compute
-        out, lse = merge_attention(out, lse, *hop(kv))
-        return (out, lse, kv_next), None
+        return (hop(state, kv), kv_next), None
 
-    B, L, H, P = q.shape
-    init = (jnp.zeros((B, L, H, P), _F32), jnp.full((B, L, H), -jnp.inf, _F32), kv)
+    rows = (t.nq, t.B, t.K, t.R, bq)
+    state = (jnp.full(rows, -jnp.inf, _F32), jnp.zeros(rows, _F32), jnp.zeros((*rows, t.P), _F32))
+    kv = _kv_tiles(t, k, v, kp, ks)
     if n > 1:
-        init, _ = lax.scan(body, init, None, length=n - 1)
-    out, lse, kv_last = init
-    out, lse = merge_attention(out, lse, *hop(kv_last))
+        (state, kv), _ = lax.scan(body, (state, kv), None, length=n - 1)  # no rotation after the last hop
+    m, l_, o = hop(state, kv)
+    seen = l_ > 0
+    l_safe = jnp.where(seen, l_, 1.0)
+    out_t = jnp.moveaxis(o / l_safe[..., None], 4, 2)  # [nq, B, bq, K, R, P]; o == 0 where nothing was seen
+    lse_t = jnp.moveaxis(jnp.where(seen, m + jnp.log(l_safe), -jnp.inf), 4, 2)  # [nq, B, bq, K, R]
+    out = _untile(out_t, t.L).reshape(t.B, t.L, t.K * t.R, t.P)
+    lse = _untile(lse_t, t.L).reshape(t.B, t.L, t.K * t.R)
     return out.astype(q.dtype), lse
 
 
@@ -180,36 +217,71 @@ def _ring_fwd(q, k, v, qp, kp, qs, ks, axis_name, causal, window, scale, bq, bk)
     return (out, lse), (q, k, v, qp, kp, qs, ks, out, lse)
 
 
+# ---- backward ---------------------------------------------------------------------------------------------------------
 def _ring_bwd(axis_name, causal, window, scale, bq, bk, residuals, cotangents):
     q, k, v, qp, kp, qs, ks, out, lse = residuals
     dout, dlse = cotangents
+    t = _tiling(q, k, bq, bk)
     n = _ring_size(axis_name)
     ring_seg = qs is not None
     qs_ = qs if ring_seg else jnp.zeros(qp.shape, jnp.int32)
-    ks0 = jnp.zeros(kp.shape, jnp.int32)
     delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1) - dlse.astype(_F32)
-    do = dout.astype(q.dtype)
 
-    def hop(kv):
-        return _hop_bwd(q, kv[0], kv[1], do, lse, delta, qp, kv[2], qs_, kv[3] if ring_seg else ks0,
-                        causal=causal, window=window, scale=scale, bq=bq, bk=bk)
+    def rows(x_BLH, pad_value):  # [B, L, H] -> [nq, B, K, R, bq]
+        return jnp.moveaxis(_tiles(x_BLH.astype(_F32).reshape(t.B, t.L, t.K, t.R), bq, pad_value=pad_value), 2, -1)
+
+    q_t = _tiles(q.reshape(t.B, t.L, t.K, t.R, t.P), bq)
+    do_t = _tiles(dout.astype(q.dtype).reshape(t.B, t.L, t.K, t.R, t.P), bq)
+    lse_t, delta_t = rows(lse, jnp.inf), rows(delta, 0.0)  # padded query rows: lse = +inf, so P = 0
+    qp_t, qs_t = _tiles(qp, bq, edge=True), _tiles(qs_, bq, edge=True)
+    ks0_t = None if ring_seg else _tiles(jnp.zeros(kp.shape, jnp.int32), bk, edge=True)
+
+    def hop(acc, kv):
+        """Add this block's contributions to dq (kept here) and to the block's travelling dk / dv."""
+        k_t, v_t, kp_t = kv[:3]
+        ks_t = kv[3] if ring_seg else ks0_t
+
+        def kv_tile(j, acc):
+            dq, dk, dv = acc
+
+            def q_tile(i, c):
+                dq, dk_j, dv_j = c
+
+                def compute(_):
+                    mask = _tile_mask(qp_t[i], kp_t[j], qs_t[i], ks_t[j], None if t.valid is None else t.valid[j],
+                                      causal, window)  # fmt: skip
+                    return _tile_bwd(q_t[i], k_t[j], v_t[j], do_t[i], lse_t[i], delta_t[i], mask, scale)
+
+                def skip(_):
+                    return (jnp.zeros((t.B, bq, t.K, t.R, t.P), _F32), jnp.zeros((t.B, bk, t.K, t.P), _F32),
+                            jnp.zeros((t.B, bk, t.K, t.P), _F32))  # fmt: skip
+
+                visible = masks.tile_may_attend(qp_t[i], kp_t[j], qs_t[i], ks_t[j], causal=causal, window=window)
+                dq_i, dk_i, dv_i = lax.cond(visible, compute, skip, None)
+                return dq.at[i].add(dq_i), dk_j + dk_i, dv_j + dv_i
+
+            dq, dk_j, dv_j = lax.fori_loop(0, t.nq, q_tile, (dq, dk[j], dv[j]))
+            return dq, dk.at[j].set(dk_j), dv.at[j].set(dv_j)
+
+        visible = masks.tile_may_attend(qp, _flat(kp_t), qs_, _flat(ks_t), causal=causal, window=window)
+        return lax.cond(visible, lambda a: lax.fori_loop(0, t.nk, kv_tile, a), lambda a: a, acc)
 
     def body(carry, _):
         dq, kv, dkv = carry
         kv_next = _shift(kv, axis_name, n)  # K/V for the next hop: independent of this hop's compute
-        dq_h, dk_h, dv_h = hop(kv)
-        dkv = _shift((dkv[0] + dk_h, dkv[1] + dv_h), axis_name, n)  # the accumulator follows its block
-        return (dq + dq_h, kv_next, dkv), None
+        dq, dk, dv = hop((dq, *dkv), kv)
+        return (dq, kv_next, _shift((dk, dv), axis_name, n)), None  # the accumulators follow their block
 
-    kv = (k, v, kp, ks) if ring_seg else (k, v, kp)
-    init = (jnp.zeros(q.shape, _F32), kv, (jnp.zeros(k.shape, _F32), jnp.zeros(v.shape, _F32)))
+    kv = _kv_tiles(t, k, v, kp, ks)
+    dq = jnp.zeros((t.nq, t.B, bq, t.K, t.R, t.P), _F32)
+    dkv = (jnp.zeros(kv[0].shape, _F32), jnp.zeros(kv[1].shape, _F32))
     if n > 1:
-        init, _ = lax.scan(body, init, None, length=n - 1)
-    dq, kv_last, (dk, dv) = init
-    dq_h, dk_h, dv_h = hop(kv_last)
-    dq, dk, dv = dq + dq_h, dk + dk_h, dv + dv_h
+        (dq, kv, dkv), _ = lax.scan(body, (dq, kv, dkv), None, length=n - 1)
+    dq, dk, dv = hop((dq, *dkv), kv)
     if n > 1:  # the last block's accumulators go home: block j now sits on device j - 1
         dk, dv = _shift((dk, dv), axis_name, n)
+    dq = _untile(dq, t.L).reshape(q.shape)
+    dk, dv = _untile(dk, t.S), _untile(dv, t.S)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
