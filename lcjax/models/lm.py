@@ -1,7 +1,8 @@
 """Decoder-only language model whose layers follow a per-layer block-type pattern.
 
 ``LMConfig.block_pattern`` is cycled over the layers: ``("attention",)`` is a Llama-style transformer,
-``("mamba2",)`` a Mamba-2 LM, ``("mamba2", "mamba2", "attention")`` a hybrid. Each block type is a residual block
+``("mamba2",)`` a Mamba-2 LM (``LMConfig.mamba2`` configures its mixer, ``lcjax/models/mamba2_block.py``),
+``("mamba2", "mamba2", "attention")`` a hybrid. Each block type is a residual block
 class with one calling convention, ``block(x_BLD, *, positions_BL, segment_ids_BL, cache) -> (x_BLD, cache)``, and
 ``block.init_cache(batch, length, dtype)``; the trainer never needs to know which types are inside.
 
@@ -25,13 +26,14 @@ from lcjax import sharding
 from lcjax.layers import stack as stack_lib
 from lcjax.layers.attention import Attention, AttentionConfig
 from lcjax.layers.basic import MLP, Embedding, RMSNorm
+from lcjax.layers.mamba2 import Mamba2Config
 from lcjax.ops import rope as rope_ops
 from lcjax.typing import Array, ArrayLike, Float, Int
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------------
-BLOCK_TYPES = ("attention",)
+BLOCK_TYPES = ("attention", "mamba2")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,6 +46,7 @@ class LMConfig:
     head_dim: int | None = None  # None -> d_model // n_heads
     mlp_dim: int = 0  # SwiGLU hidden width; 0 -> no MLP in attention blocks is NOT allowed (validated)
     block_pattern: tuple[str, ...] = ("attention",)
+    mamba2: Mamba2Config | None = None  # the mixer of "mamba2" blocks (required when the pattern has one)
     max_seq_len: int = 2048
     rope: rope_ops.RopeConfig = rope_ops.RopeConfig()
     norm_eps: float = 1e-5
@@ -81,6 +84,13 @@ class LMConfig:
                 raise ValueError(f"LMConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
             if self.mlp_dim < 1:
                 raise ValueError(f"LMConfig.mlp_dim={self.mlp_dim} must be >= 1 for attention blocks")
+        if "mamba2" in self.block_pattern:
+            if not isinstance(self.mamba2, Mamba2Config):
+                raise ValueError(f"LMConfig.mamba2={self.mamba2!r}: a Mamba2Config is required for 'mamba2' blocks")
+            if self.mamba2.d_model != self.d_model:
+                raise ValueError(f"LMConfig.mamba2.d_model={self.mamba2.d_model} must equal d_model={self.d_model}")
+        elif self.mamba2 is not None and not isinstance(self.mamba2, Mamba2Config):
+            raise ValueError(f"LMConfig.mamba2={self.mamba2!r} must be a Mamba2Config or None")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16", "float64"):
                 raise ValueError(f"LMConfig.{name}={getattr(self, name)!r}; allowed: float32, bfloat16, float16, float64")
@@ -129,6 +139,24 @@ class LMConfig:
         )  # fmt: skip
         return cls(**(kw | overrides))
 
+    @classmethod
+    def mamba2_preset(cls, name: str, **overrides) -> LMConfig:
+        """state-spaces/mamba2-{130m,370m,780m,1.3b,2.7b}: d_state 128, head_dim 64, expand 2, tied embeddings.
+
+        Vocabulary 50277 padded to a multiple of 16 (50288 rows; override ``vocab_size`` for another padding).
+        Parameter counts:
+        130m 128,989,632; 370m 368,346,624; 780m 780,161,280; 1.3b 1,343,757,312; 2.7b 2,702,599,680.
+        """
+        layers = {"130m": 24, "370m": 48, "780m": 48, "1.3b": 48, "2.7b": 64}
+        if name not in layers:
+            raise ValueError(f"LMConfig.mamba2_preset: unknown name {name!r}; allowed: {sorted(layers)}")
+        mixer = Mamba2Config.preset(name)
+        kw = dict(
+            vocab_size=50_288, d_model=mixer.d_model, n_layers=layers[name], block_pattern=("mamba2",), mamba2=mixer,
+            tie_embeddings=True, max_seq_len=1 << 20,
+        )  # fmt: skip
+        return cls(**(kw | overrides))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Blocks
@@ -158,7 +186,9 @@ class AttentionBlock(nnx.Module):
 @functools.cache
 def _block_classes() -> dict[str, type[nnx.Module]]:
     """Block type name -> residual block class (constructor ``cls(cfg: LMConfig, *, rngs)``)."""
-    return {"attention": AttentionBlock}
+    from lcjax.models.mamba2_block import Mamba2Block  # imports lcjax.layers only; late to keep lm.py importable first
+
+    return {"attention": AttentionBlock, "mamba2": Mamba2Block}
 
 
 # ---------------------------------------------------------------------------------------------------------------
