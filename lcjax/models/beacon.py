@@ -1,0 +1,410 @@
+"""Activation Beacon language model: a base ``LM`` plus beacon parameters, processed window by window.
+
+"Long Context Compression with Activation Beacon" (Zhang et al., ICLR 2025; v1: "Soaring from 4K to 400K"),
+https://arxiv.org/abs/2401.03462; reference code FlagOpen/FlagEmbedding ``research/Long_LLM/activation_beacon/
+src/modeling_beacon.py`` (``Memory.prepare/step/update_memory``), v1 in ``old/src/activation_beacon_llama/``.
+
+``add_beacons(base_lm, cfg, rngs=...)`` wraps an attention-only ``LM`` (e.g. from ``lcjax.convert.llama``): beacon
+q/k/v(/o) projections start as copies of the base ones, the beacon embedding as a chosen token's embedding, and the
+base weights are never written. ``beacon_lm(tokens_BL)`` returns logits for every raw token like ``LM``.
+
+Streaming (``BeaconState``): per layer ``[sink; beacon memory; raw K/V of the current window]`` in fixed-capacity
+buffers with per-example counts, keys cached before RoPE and rotated every step by ``arange`` over the valid
+entries. A call feeds any number of tokens; they are processed in sub-steps that never cross a window boundary;
+when a window completes its raw K/V are dropped and only its beacons kept, so the state holds
+``sink + W/r · (completed windows) + W + W/r`` entries: O(window + L/ratio). One-shot, chunked and token-by-token
+feeding compute the same function. Unlike upstream (batch size 1, last window's logits only), batches are padded
+on the right with per-example ``lengths_B`` and ratio schedules ``ratios_BN`` (one ratio per example and window).
+Dimension key (lcjax/typing.py): B batch, L/T tokens, U chunk slots, N windows, D model, V vocab, K kv heads,
+P head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lcjax import sharding
+from lcjax.layers.beacon import BeaconAttention, BeaconConfig, BeaconParam, ChunkLayout, KeyMask, beacon_param
+from lcjax.layers.beacon import chunk_layout
+from lcjax.models.lm import LM
+from lcjax.typing import Array, ArrayLike, Float, Int
+
+__all__ = ["BeaconLM", "BeaconParam", "BeaconState", "add_beacons", "generate"]
+
+
+class BeaconLayerState(NamedTuple):
+    """One layer's cached K/V (before RoPE): sink [B, s, K, P], memory [B, M, K, P], raw window cache [B, R, K, P]."""
+
+    sink_k: jax.Array
+    sink_v: jax.Array
+    mem_k: jax.Array
+    mem_v: jax.Array
+    raw_k: jax.Array
+    raw_v: jax.Array
+
+
+class BeaconState(NamedTuple):
+    """Streaming state. Per example [B]: ``n_mem`` memory entries, ``n_raw`` raw-cache entries (raw tokens and, for
+    interleave, beacons of the current window), ``filled`` raw tokens of the current window, ``window`` completed
+    windows, ``length`` tokens consumed. ``raw_is_beacon`` [B, R] marks beacon entries of the raw cache, ``ratios``
+    [B, N] is each window's ratio, ``capacity`` the most tokens the buffers hold."""
+
+    layers: tuple[BeaconLayerState, ...]
+    raw_is_beacon: jax.Array
+    n_mem: jax.Array
+    n_raw: jax.Array
+    filled: jax.Array
+    window: jax.Array
+    length: jax.Array
+    ratios: jax.Array
+    capacity: jax.Array
+
+    def memory_entries(self, sink_size: int) -> jax.Array:
+        """Cached K/V entries per layer and example [B]: sink (once the first window completed) + memory + raw."""
+        return jnp.where(self.window > 0, sink_size, 0) + self.n_mem + self.n_raw
+
+
+def _concrete(x) -> np.ndarray | None:
+    """``x`` as numpy when it is a concrete value, None under tracing."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def _scatter_rows(buf_BS, dest_BU, val_BU):
+    """``buf[b, dest[b, u]] = val[b, u]``; destinations out of range are dropped."""
+    if buf_BS.shape[1] == 0:  # e.g. no sink: nothing to write (and an empty scatter has no transpose rule)
+        return buf_BS
+    return jax.vmap(lambda b, d, v: b.at[d].set(v.astype(b.dtype), mode="drop"))(buf_BS, dest_BU, val_BU)
+
+
+def _take_rows(x_BU, idx_BT):
+    """``x[b, idx[b, t]]`` along axis 1 (trailing axes kept)."""
+    idx = idx_BT.reshape(idx_BT.shape + (1,) * (x_BU.ndim - 2))
+    return jnp.take_along_axis(x_BU, idx, axis=1)
+
+
+class BeaconLM(nnx.Module):
+    """A base ``LM`` with beacon parameters (``BeaconParam``): ``beacon_embed_tokens`` [1, D] and, per layer,
+    ``beacon_layers[i]`` (``BeaconAttention``). ``base`` is the wrapped model, whose variables this module owns."""
+
+    def __init__(self, base: LM, cfg: BeaconConfig, *, rngs: nnx.Rngs):
+        lm_cfg = base.cfg
+        if set(lm_cfg.block_pattern) != {"attention"}:
+            raise ValueError(f"add_beacons: base LMConfig.block_pattern={lm_cfg.block_pattern} must be attention-only")
+        if lm_cfg.scan_layers:
+            raise ValueError("add_beacons: base LMConfig.scan_layers must be False (layers are run one by one)")
+        if lm_cfg.window is not None:
+            raise ValueError(f"add_beacons: base LMConfig.window={lm_cfg.window}: sliding-window bases are not supported")
+        cfg.check_model(lm_cfg.max_seq_len)
+        self.cfg = cfg
+        self.base = base
+        pd = jnp.dtype(lm_cfg.param_dtype)
+        if cfg.embed_init == "random":
+            init = nnx.initializers.normal(0.02)(rngs.params(), (1, lm_cfg.d_model), pd)
+        else:
+            if cfg.embed_init >= lm_cfg.vocab_size:
+                raise ValueError(f"BeaconConfig.embed_init={cfg.embed_init} must be < vocab_size={lm_cfg.vocab_size}")
+            init = jnp.copy(base.embed_tokens.weight[...][cfg.embed_init][None])
+        self.beacon_embed_tokens = beacon_param(init, None, "embed")
+        self.beacon_layers = nnx.List([BeaconAttention(blk.self_attn, cfg) for blk in base.layers])
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def init_state(
+        self, batch: int, max_len: int, *, ratios_BN: Int[ArrayLike, "B N"] | None = None, dtype=None
+    ) -> BeaconState:
+        """An empty state for ``batch`` sequences of up to ``max_len`` tokens.
+
+        ``ratios_BN`` [batch, ceil(max_len / W)] gives each window's ratio (default: ``cfg.ratio`` everywhere); every
+        value must be one of ``cfg.ratios`` (the buffers are sized for them).
+        """
+        cfg, lm_cfg = self.cfg, self.base.cfg
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"init_state: batch={batch} and max_len={max_len} must be >= 1")
+        W = cfg.window
+        n_windows = -(-max_len // W)
+        if ratios_BN is None:
+            ratios_BN = jnp.full((batch, n_windows), cfg.ratio, jnp.int32)
+        ratios_BN = jnp.asarray(ratios_BN)
+        if ratios_BN.shape != (batch, n_windows) or not jnp.issubdtype(ratios_BN.dtype, jnp.integer):
+            raise ValueError(f"ratios_BN must be an int array of shape {(batch, n_windows)} (batch, windows), got "
+                             f"{ratios_BN.dtype}{ratios_BN.shape}")  # fmt: skip
+        values = _concrete(ratios_BN)
+        if values is not None and not np.isin(values, cfg.ratios).all():
+            raise ValueError(f"ratios_BN: values {sorted(set(values.ravel()) - set(cfg.ratios))} are not in "
+                             f"BeaconConfig ratios {cfg.ratios}")  # fmt: skip
+        dtype = jnp.dtype(lm_cfg.dtype) if dtype is None else dtype
+        M = (max_len // W) * cfg.max_memory_growth
+        R = W + cfg.max_beacons
+        zeros = lambda n: jnp.zeros((batch, n, lm_cfg.n_kv_heads, lm_cfg.head_dim), dtype)
+        layer = BeaconLayerState(zeros(cfg.sink_size), zeros(cfg.sink_size), zeros(M), zeros(M), zeros(R), zeros(R))
+        z = jnp.zeros((batch,), jnp.int32)
+        return BeaconState(
+            layers=tuple(layer for _ in range(lm_cfg.n_layers)), raw_is_beacon=jnp.zeros((batch, R), bool),
+            n_mem=z, n_raw=z, filled=z, window=z, length=z, ratios=ratios_BN.astype(jnp.int32),
+            capacity=jnp.asarray(max_len, jnp.int32),
+        )  # fmt: skip
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def __call__(
+        self, tokens_BL: Int[ArrayLike, "B L"], *, lengths_B: Int[ArrayLike, " B"] | None = None,
+        ratios_BN: Int[ArrayLike, "B N"] | None = None, state: BeaconState | None = None,
+    ) -> Float[Array, "B L V"] | tuple[Float[Array, "B L V"], BeaconState]:  # fmt: skip
+        """Logits [B, L, V] (float32) of the raw tokens; with a ``state``, ``(logits, new_state)``.
+
+        ``lengths_B``: real tokens per row (right padding; default L); logits of padding rows are 0. Without a state
+        the whole sequence runs from an empty one (``ratios_BN`` as in ``init_state``; gradients flow through every
+        window's beacons). With a state the tokens continue each row's stream; its ratios were fixed by
+        ``init_state``. Tokens beyond the state's capacity give NaN logits (checked eagerly when not traced).
+        """
+        tokens_BL = jnp.asarray(tokens_BL)
+        if tokens_BL.ndim != 2 or not jnp.issubdtype(tokens_BL.dtype, jnp.integer) or tokens_BL.shape[1] < 1:
+            raise ValueError(f"BeaconLM: tokens must be an int [batch, length >= 1] array, got "
+                             f"{tokens_BL.dtype}{tokens_BL.shape}")  # fmt: skip
+        B, L = tokens_BL.shape
+        if lengths_B is None:
+            lengths_B = jnp.full((B,), L, jnp.int32)
+        lengths_B = jnp.asarray(lengths_B)
+        if lengths_B.shape != (B,) or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
+            raise ValueError(f"lengths_B must be an int array of shape {(B,)}, got {lengths_B.dtype}{lengths_B.shape}")
+        lengths = _concrete(lengths_B)
+        if lengths is not None and ((lengths < 0) | (lengths > L)).any():
+            raise ValueError(f"lengths_B={lengths.tolist()} must lie in [0, {L}]")
+        if state is None:
+            logits_BLV, _ = self._feed(self.init_state(B, L, ratios_BN=ratios_BN), tokens_BL, lengths_B)
+            return logits_BLV
+        if ratios_BN is not None:
+            raise ValueError("ratios_BN: when streaming, give the ratio schedule to init_state")
+        if state.n_mem.shape != (B,):
+            raise ValueError(f"state holds {state.n_mem.shape[0]} sequences, tokens {B}")
+        used, cap = _concrete(state.length), _concrete(state.capacity)
+        if used is not None and cap is not None and lengths is not None and (used + lengths > cap).any():
+            raise ValueError(f"BeaconLM: {(used + lengths).max()} tokens exceed the state's capacity {int(cap)} "
+                             "(init_state max_len)")  # fmt: skip
+        return self._feed(state, tokens_BL, lengths_B)
+
+    def _feed(self, state: BeaconState, tokens_BT, lengths_B):
+        """Sub-steps that each extend every row's current window without crossing its end (a ``lax.scan``)."""
+        W = self.cfg.window
+        B, T = tokens_BT.shape
+        T_sub = min(T, W)
+        n_sub = 1 + -(-(T - 1) // W)
+        tokens_BT = tokens_BT.astype(jnp.int32)
+        lengths_B = lengths_B.astype(jnp.int32)
+
+        def body(carry, _):
+            state, c_B = carry
+            take_B = jnp.clip(jnp.minimum(lengths_B - c_B, W - state.filled), 0, T_sub)
+            idx_BT = jnp.clip(c_B[:, None] + jnp.arange(T_sub, dtype=jnp.int32)[None, :], 0, T - 1)
+            logits_BtV, state = self._step(state, jnp.take_along_axis(tokens_BT, idx_BT, axis=1), take_B)
+            return (state, c_B + take_B), (logits_BtV, c_B, take_B)
+
+        if self.base.cfg.remat:
+            body = jax.checkpoint(body)
+        carry = (state, jnp.zeros((B,), jnp.int32))
+        if n_sub == 1:
+            (state, _), out = body(carry, None)
+            out = jax.tree.map(lambda a: a[None], out)
+        else:
+            (state, _), out = jax.lax.scan(body, carry, None, length=n_sub)
+        logits_NBtV, c_NB, take_NB = out
+        t_1t = jnp.arange(T_sub, dtype=jnp.int32)[None, None, :]
+        dest_NBt = jnp.where(t_1t < take_NB[..., None], c_NB[..., None] + t_1t, T)
+        V = logits_NBtV.shape[-1]
+        dest_BX = jnp.moveaxis(dest_NBt, 0, 1).reshape(B, n_sub * T_sub)
+        vals_BXV = jnp.moveaxis(logits_NBtV, 0, 1).reshape(B, n_sub * T_sub, V)
+        logits_BTV = _scatter_rows(jnp.zeros((B, T, V), jnp.float32), dest_BX, vals_BXV)
+        return logits_BTV, state
+
+    def _step(self, state: BeaconState, tokens_BT, n_B):
+        """One chunk of ``n_B <= W - filled`` raw tokens per row: interleave/append beacons, run every layer over
+        ``[sink; memory; raw cache; chunk]``, then cache the chunk and compress completed windows."""
+        cfg, lm = self.cfg, self.base
+        B, T = tokens_BT.shape
+        n_windows = state.ratios.shape[1]
+        ratio_B = jnp.take_along_axis(state.ratios, jnp.clip(state.window, 0, n_windows - 1)[:, None], axis=1)[:, 0]
+        lay = chunk_layout(cfg, T, n_B, state.filled, ratio_B)
+        dt = jnp.dtype(lm.cfg.dtype)
+
+        tok_BU = jnp.take_along_axis(tokens_BT, lay.token_index, axis=1)
+        x_BUD = lm.embed_tokens(tok_BU, dtype=dt)
+        beacon_11D = sharding.read(self.beacon_embed_tokens, dt)[None]
+        x_BUD = jnp.where(lay.is_beacon[:, :, None], beacon_11D, x_BUD)
+        x_BUD = sharding.shard(x_BUD, "act_batch", None, "act_embed")
+
+        kv_pos_BS, q_pos_BU, mask = self._positions_and_mask(state, lay, ratio_B)
+        new_kv = []
+        for blk, beacon_attn, ls in zip(lm.layers, self.beacon_layers, state.layers, strict=True):
+            cache_k = jnp.concatenate([ls.sink_k, ls.mem_k, ls.raw_k], axis=1)
+            cache_v = jnp.concatenate([ls.sink_v, ls.mem_v, ls.raw_v], axis=1)
+            y_BUD, k_BUKP, v_BUKP = beacon_attn(
+                blk.self_attn, blk.input_layernorm(x_BUD), lay.is_beacon, cache_k, cache_v, kv_pos_BS, q_pos_BU, mask
+            )
+            x_BUD = x_BUD + y_BUD
+            x_BUD = x_BUD + blk.mlp(blk.post_attention_layernorm(x_BUD))
+            x_BUD = sharding.shard(x_BUD, "act_batch", None, "act_embed")
+            new_kv.append((k_BUKP, v_BUKP))
+
+        x_BTD = lm.norm(_take_rows(x_BUD, jnp.clip(lay.raw_slot, 0, x_BUD.shape[1] - 1)))
+        if lm.cfg.tie_embeddings:
+            logits_BTV = lm.embed_tokens.attend(x_BTD)
+        else:
+            logits_BTV = sharding.einsum(
+                "BTD,DV->BTV", x_BTD, sharding.read(lm.lm_head, x_BTD.dtype), out=("act_batch", None, "act_vocab")
+            )
+        logits_BTV = logits_BTV.astype(jnp.float32)
+        overflow_B = state.length + n_B > state.capacity
+        logits_BTV = jnp.where(overflow_B[:, None, None], jnp.nan, logits_BTV)
+        return logits_BTV, self._update(state, lay, new_kv, ratio_B, n_B)
+
+    def _positions_and_mask(self, state: BeaconState, lay: ChunkLayout, ratio_B):
+        """RoPE positions of keys ``[sink; memory; raw cache; chunk]`` and queries, and the attention mask."""
+        cfg = self.cfg
+        B, U = lay.valid.shape
+        s = cfg.sink_size
+        M = state.layers[0].mem_k.shape[1]
+        R = state.layers[0].raw_k.shape[1]
+        sink_valid = jnp.broadcast_to((state.window > 0)[:, None], (B, s))
+        mem_valid = jnp.arange(M)[None, :] < state.n_mem[:, None]
+        raw_valid = jnp.arange(R)[None, :] < state.n_raw[:, None]
+        cache_valid = jnp.concatenate([sink_valid, mem_valid, raw_valid], axis=1)
+        kv_valid = jnp.concatenate([cache_valid, lay.valid], axis=1)
+        kv_pos_BS = jnp.maximum(jnp.cumsum(kv_valid, axis=1, dtype=jnp.int32) - 1, 0)
+        S = s + M + R
+        q_pos_BU = kv_pos_BS[:, S:]
+        if cfg.scheme == "interleave":
+            mask = KeyMask(
+                q_order=jnp.broadcast_to(S + jnp.arange(U, dtype=jnp.int32)[None], (B, U)),
+                kv_order=jnp.broadcast_to(jnp.arange(S + U, dtype=jnp.int32)[None], (B, S + U)),
+                kv_segment=jnp.where(kv_valid, 0, -1).astype(jnp.int32), dense=None,
+            )  # fmt: skip
+            return kv_pos_BS, q_pos_BU, mask
+        # step-expansion: beacon i sits right after its last covered raw token, M + (i + 1) * r
+        n_before_B = jnp.where(state.window > 0, s, 0) + state.n_mem
+        q_pos_BU = jnp.where(lay.is_beacon, n_before_B[:, None] + (lay.beacon + 1) * ratio_B[:, None], q_pos_BU)
+        kv_pos_BS = jnp.concatenate([kv_pos_BS[:, :S], q_pos_BU], axis=1)
+        reach_BU1 = lay.reach[:, :, None]
+        raw_idx_11R = jnp.arange(R)[None, None, :]  # v1 raw caches hold raw tokens only: slot j = window index j
+        vis_mem = jnp.broadcast_to(jnp.concatenate([sink_valid, mem_valid], axis=1)[:, None], (B, U, s + M))
+        vis_raw = raw_valid[:, None, :] & (raw_idx_11R <= reach_BU1)
+        same_slot = jnp.arange(U)[None, :, None] == jnp.arange(U)[None, None, :]
+        vis_chunk = lay.valid[:, None, :] & jnp.where(
+            lay.is_beacon[:, None, :], same_slot, lay.widx[:, None, :] <= reach_BU1
+        )
+        dense = jnp.concatenate([vis_mem, vis_raw, vis_chunk], axis=2)
+        return kv_pos_BS, q_pos_BU, KeyMask(q_order=None, kv_order=None, kv_segment=None, dense=dense)
+
+    def _update(self, state: BeaconState, lay: ChunkLayout, new_kv, ratio_B, n_B) -> BeaconState:
+        """Append the chunk to the raw cache; for completed windows move beacons (all raw K/V for ratio 0) to the
+        memory, fill the sink from the first window, and empty the raw cache."""
+        s = self.cfg.sink_size
+        M = state.layers[0].mem_k.shape[1]
+        R = state.layers[0].raw_k.shape[1]
+        rank_BU = jnp.cumsum(lay.valid, axis=1, dtype=jnp.int32) - 1
+        dest_BU = jnp.where(lay.valid, state.n_raw[:, None] + rank_BU, R)
+        raw_is_beacon = _scatter_rows(state.raw_is_beacon, dest_BU, lay.is_beacon)
+        n_raw = state.n_raw + jnp.sum(lay.valid, axis=1, dtype=jnp.int32)
+
+        done_B1 = lay.completes[:, None]
+        in_raw = jnp.arange(R)[None, :] < n_raw[:, None]
+        is_raw = in_raw & ~raw_is_beacon
+        raw_rank = jnp.cumsum(is_raw, axis=1, dtype=jnp.int32) - 1
+        in_sink = (state.window == 0)[:, None] & is_raw & (raw_rank < s)
+        kept = jnp.where(ratio_B[:, None] > 0, in_raw & raw_is_beacon, is_raw) & ~in_sink
+        mem_dest = jnp.where(kept & done_B1, state.n_mem[:, None] + jnp.cumsum(kept, axis=1, dtype=jnp.int32) - 1, M)
+        sink_dest = jnp.where(in_sink & done_B1, raw_rank, s)
+
+        layers = []
+        for ls, (k_BUKP, v_BUKP) in zip(state.layers, new_kv, strict=True):
+            raw_k = _scatter_rows(ls.raw_k, dest_BU, k_BUKP)
+            raw_v = _scatter_rows(ls.raw_v, dest_BU, v_BUKP)
+            layers.append(BeaconLayerState(
+                sink_k=_scatter_rows(ls.sink_k, sink_dest, raw_k), sink_v=_scatter_rows(ls.sink_v, sink_dest, raw_v),
+                mem_k=_scatter_rows(ls.mem_k, mem_dest, raw_k), mem_v=_scatter_rows(ls.mem_v, mem_dest, raw_v),
+                raw_k=raw_k, raw_v=raw_v,
+            ))  # fmt: skip
+        done_B = lay.completes
+        return state._replace(
+            layers=tuple(layers), raw_is_beacon=raw_is_beacon,
+            n_mem=state.n_mem + jnp.where(done_B, jnp.sum(kept, axis=1, dtype=jnp.int32), 0),
+            n_raw=jnp.where(done_B, 0, n_raw), filled=jnp.where(done_B, 0, state.filled + n_B),
+            window=state.window + done_B.astype(jnp.int32), length=state.length + n_B,
+        )  # fmt: skip
+
+
+def add_beacons(base_lm: LM, cfg: BeaconConfig, *, rngs: nnx.Rngs) -> BeaconLM:
+    """A ``BeaconLM`` over ``base_lm``: beacon projections copied from the base ones, the beacon embedding from token
+    ``cfg.embed_init`` (``rngs`` is used only for ``embed_init="random"``). ``base_lm``'s weights are not changed;
+    the returned model holds ``base_lm`` itself (no copy), so donate it only where ``base_lm`` is no longer used."""
+    return BeaconLM(base_lm, cfg, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------
+def generate(
+    model: BeaconLM, prompt_BL: Int[ArrayLike, "B L"], *, max_new_tokens: int, lengths_B: Int[ArrayLike, " B"] | None = None,
+    ratios_BN: Int[ArrayLike, "B N"] | None = None, temperature: float = 0.0, top_k: int | None = None,
+    rng: jax.Array | None = None,
+) -> Int[Array, "B new"]:  # fmt: skip
+    """Greedy (``temperature=0``) or sampled continuation through the beacon state: prefill of the (right-padded,
+    ``lengths_B``) prompts, then one streaming step per token; each row continues from its own length.
+
+    Returns the ``max_new_tokens`` new tokens [B, max_new_tokens]. Memory stays O(W + (L + N) / ratio).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature={temperature} must be >= 0")
+    if temperature > 0 and rng is None:
+        raise ValueError("generate: rng is required when temperature > 0")
+    vocab = model.base.cfg.vocab_size
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"generate: top_k={top_k} must be in [1, vocab_size={vocab}]")
+    prompt_BL = jnp.asarray(prompt_BL)
+    if prompt_BL.ndim != 2 or not jnp.issubdtype(prompt_BL.dtype, jnp.integer):
+        raise ValueError(f"generate: prompt must be an int [batch, length] array, got {prompt_BL.dtype}{prompt_BL.shape}")
+    B, L = prompt_BL.shape
+    lengths_B = jnp.full((B,), L, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
+    lengths = _concrete(lengths_B)
+    if lengths_B.shape != (B,) or (lengths is not None and ((lengths < 1) | (lengths > L)).any()):
+        raise ValueError(f"generate: lengths_B must have shape {(B,)} with values in [1, {L}]")
+    state = model.init_state(B, L + max_new_tokens, ratios_BN=ratios_BN)
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(model, prompt_BL, lengths_B, state, rng, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_k=top_k)  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_k"))
+def _generate(model, prompt_BL, lengths_B, state, rng, *, max_new_tokens, temperature, top_k):
+    B = prompt_BL.shape[0]
+
+    def pick(logits_BV, key):
+        if temperature == 0:
+            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        logits_BV = logits_BV / temperature
+        if top_k is not None:
+            kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+            logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
+        return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+    logits_BLV, state = model(prompt_BL, lengths_B=lengths_B, state=state)
+    last_BV = jnp.take_along_axis(logits_BLV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    keys = jax.random.split(rng, max_new_tokens)
+    first_B = pick(last_BV, keys[0])
+    ones_B = jnp.ones((B,), jnp.int32)
+
+    def step(carry, key):
+        token_B, state = carry
+        logits_B1V, state = model(token_B[:, None], lengths_B=ones_B, state=state)
+        return (pick(logits_B1V[:, 0], key), state), token_B
+
+    (last_B, _), tokens_NB = jax.lax.scan(step, (first_B, state), keys[1:])
+    return jnp.concatenate([tokens_NB.T, last_B[:, None]], axis=1)
