@@ -11,17 +11,21 @@ int32 positions / segment ids of those tokens. At hop ``s`` device ``r`` holds t
 (``lcjax.ops.masks``: same segment, causal by positions, window by positions) never depends on the layout:
 contiguous, zigzag and striped are data-pipeline permutations (``lcjax.ops.context_parallel``).
 
-Forward: per hop, the tiled online-softmax kernel ``blockwise_fwd`` gives a float32 (out, lse) of the local queries
-against that block; hops are merged with ``merge_attention``. A hop whose block no local query can see (position /
-segment ranges, ``masks.tile_may_attend``) is skipped with ``lax.cond``, and inside a hop invisible tiles are
-skipped the same way. The next hop's ``ppermute`` is issued before the current hop's compute, and the K/V are not
-rotated after the last hop (n - 1 transfers).
+Forward: the local queries are tiled once; the K/V block travels the ring already tiled. Every (q tile, kv tile)
+pair is one online-softmax update of float32 (m, l, o) with the blockwise flash attention's tile kernel
+(``lcjax.ops.attention_blockwise``); the state stays tiled across hops and is updated in place, so there is no
+per-hop normalise-and-merge. Tiles no query of the tile can see (position / segment-id ranges,
+``masks.tile_may_attend``) are skipped with ``lax.cond``, so a fully masked block costs only the range tests
+(with zigzag tiles of half a shard, every hop after the first computes exactly half the tiles). The next hop's
+``ppermute`` is issued before the current hop's compute, and K/V are not rotated after the last hop (n - 1 hops).
 
 Backward (``jax.custom_vjp``): the residuals are only q, k, v, out, lse and the int32 positions / segment ids, all
-O(L/n) per device. K/V travel the ring again; each block's dK/dV float32 accumulator travels with it and gains that
-device's contribution (``blockwise_bwd`` with the global lse and ``delta = rowsum(dO ∘ O) - dlse``); after n
-shifts every accumulator is back on its owner, so no final collective is needed. GQA/MQA never repeats K/V heads
-(q is viewed as ``[B, T, K, R, P]`` inside the kernels), so ring traffic is at ``kv_heads``.
+O(L/n) per device. K/V travel the ring again; each block's dk/dv float32 accumulator travels with it and gains this
+device's contributions (tile gradients recomputed from the global lse, ``delta = rowsum(dO ∘ O) - dlse``); after
+n shifts every accumulator is back on its owner, so no final collective is needed. dq accumulates in place. GQA/MQA
+never repeats K/V heads (q is viewed as ``[B, T, K, R, P]``), so ring traffic is at ``kv_heads``. Memory per
+device: the O(L/n) arrays above plus one in-flight copy of the travelling K/V and dk/dv (double buffering) and
+O(block²) tile temporaries.
 
 Per device and hop: 3 ``ppermute`` (k, v, kv_positions) forward, plus kv_segment_ids when segment ids are given;
 backward the same plus dk and dv, and one last dk/dv shift home.
@@ -144,11 +148,6 @@ def _kv_tiles(t: _Tiling, k, v, kp, ks):
     return kv if ks is None else kv + (_tiles(ks, t.bk, edge=True),)
 
 
-def _flat(x_nBb):
-    """``[n_tiles, B, block]`` -> ``[B, n_tiles * block]`` (min/max of a whole block, for hop skipping)."""
-    return jnp.moveaxis(x_nBb, 0, 1).reshape(x_nBb.shape[1], -1)
-
-
 def _shift(tree, axis_name, n):
     """Every device sends its arrays to the next device on the ring (device r receives from r - 1)."""
     perm = [(i, (i + 1) % n) for i in range(n)]
@@ -189,8 +188,7 @@ def _ring_fwd_impl(q, k, v, qp, kp, qs, ks, axis_name, causal, window, scale, bq
             (m_i, l_i, o_i), _ = lax.scan(kv_step, (m[i], l_[i], o[i]), jnp.arange(t.nk))
             return m.at[i].set(m_i), l_.at[i].set(l_i), o.at[i].set(o_i)
 
-        visible = masks.tile_may_attend(qp, _flat(kp_t), qs_, _flat(ks_t), causal=causal, window=window)
-        return lax.cond(visible, lambda s: lax.fori_loop(0, t.nq, q_tile, s), lambda s: s, state)
+        return lax.fori_loop(0, t.nq, q_tile, state)
 
     def body(carry, _):
         state, kv = carry
@@ -263,8 +261,7 @@ def _ring_bwd(axis_name, causal, window, scale, bq, bk, residuals, cotangents):
             dq, dk_j, dv_j = lax.fori_loop(0, t.nq, q_tile, (dq, dk[j], dv[j]))
             return dq, dk.at[j].set(dk_j), dv.at[j].set(dv_j)
 
-        visible = masks.tile_may_attend(qp, _flat(kp_t), qs_, _flat(ks_t), causal=causal, window=window)
-        return lax.cond(visible, lambda a: lax.fori_loop(0, t.nk, kv_tile, a), lambda a: a, acc)
+        return lax.fori_loop(0, t.nk, kv_tile, acc)
 
     def body(carry, _):
         dq, kv, dkv = carry
