@@ -75,8 +75,8 @@ def test_is_monarch_evaluation_then_interpolation(basis, rng):
         perm, w1, w2 = fftconv.causal_monarch_factors(bl, br, dtype=jnp.complex128)
         # M = F_{2L} · A_ext: evaluation of Σ x_t q_t(Z) at the 2L-th roots of unity
         x = rng.normal(size=(3, 2 * L))
-        np.testing.assert_allclose(monarch.monarch_matmul(x[:, perm], w1, w2),
-                                   np.fft.fft(x @ basis_matrix(bl, br, extended=True).T), rtol=1e-10, atol=1e-10)  # fmt: skip
+        want = np.fft.fft(x @ basis_matrix(bl, br, extended=True).T)
+        np.testing.assert_allclose(monarch.monarch_matmul(x[:, perm], w1, w2), want, rtol=1e-10, atol=1e-10)
         m = np.asarray(monarch.monarch_to_dense(w1, w2))[:, np.argsort(perm)]  # M x = monarch_matmul(x[perm])
         pad = lambda a: np.concatenate([a, np.zeros_like(a)], 0)
         y = np.linalg.solve(m, (m @ pad(u)) * (m @ pad(k)))[:L]  # M⁻¹(M u' ⊙ M k')
@@ -89,6 +89,11 @@ def test_inverse_and_monomial_basis(basis, rng):
     x = rng.normal(size=(2, 12, 3)).astype(np.float32)
     back = fftconv.basis_solve(fftconv.basis_apply(x, bl, br), bl, br)  # A⁻¹ A = I
     np.testing.assert_allclose(back, x, **F32_OP)
+    for m in (1, 2, 3, 5, 8):  # the doubling inverse is exact for every block size
+        raw = np.random.default_rng(m).normal(size=(2, m, m))
+        with jax.enable_x64(True):
+            np.testing.assert_allclose(fftconv.unit_lower_inverse(raw) @ (np.tril(raw, -1) + np.eye(m)),
+                                       np.broadcast_to(np.eye(m), raw.shape), rtol=1e-12, atol=1e-12)  # fmt: skip
     k = rng.normal(size=(12, 3)).astype(np.float32)
     zero_l, zero_r = np.zeros_like(bl), np.zeros_like(br)  # monomial basis: exactly the causal FFT conv
     np.testing.assert_allclose(fftconv.causal_monarch_conv(x, k, zero_l, zero_r), fftconv.fftconv_naive(x, k), **F32_OP)

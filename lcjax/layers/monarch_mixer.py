@@ -9,7 +9,7 @@ Checked against HazyResearch/m2 ``bert/src/mm/monarch_mixer_sequence_mixer.py`` 
 ``M2SequenceMixer`` (u: ``(B, L, D)``), as released:
 
 1. ``in_linear`` ``D → 3·E`` (E = D) with bias, split in this order into ``[x1 | x2 | v]``;
-2. ``short_filter``: depthwise conv, width 3, *causal even in BERT* (``y[t] = b + w0·x[t−2] + w1·x[t−1] + w2·x[t]``);
+2. ``short_filter``: depthwise conv, width 3, *causal even in BERT*: ``y[t] = b + w0·x[t−2] + w1·x[t−1] + w2·x[t]``;
 3. ``v ← v ⊙ x1``; ``y = longconv(v; k, k_rev) + D ⊙ v``; ``y ← y ⊙ x2``;
 4. ``residual_long_conv``: ``y ← y + longconv(u; k2, k2_rev) + D2 ⊙ u`` (a second filter, on the mixer input);
 5. ``out_linear`` ``E → D`` with bias. No nonlinearity, no residual or norm of its own (M2-BERT's layer is
@@ -233,7 +233,9 @@ class M2SequenceMixer(nnx.Module):
 
 # ---- causal M2 for decoder LMs ----------------------------------------------------------------------------------
 def segment_layout(segment_ids_BL: Int[Array, "B L"], max_segments: int):
-    """Runs of equal non-negative ids: ``(rank_BL, offset_BL, start_BS)`` (document index, position in it, starts)."""
+    """Documents = runs of equal non-negative ids (negative = padding): ``(rank_BL, offset_BL, start_BS, valid_BL)``
+    — each token's document index in its row, its position in that document, the documents' start positions (``L``
+    for absent ones) and the non-padding mask."""
     B, L = segment_ids_BL.shape
     valid_BL = segment_ids_BL >= 0
     prev_BL = jnp.pad(segment_ids_BL, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
@@ -285,7 +287,8 @@ class CausalM2Mixer(M2SequenceMixer):
 # ---- dimension mixer ------------------------------------------------------------------------------------------
 class BlockdiagLinear(nnx.Module):
     """Released ``BlockdiagLinear``: one block-diagonal factor, weight ``(nb, in/nb, out/nb)`` (torch: ``(nb, out/nb,
-    in/nb)``), init ``U(±1/√(in/nb))`` (dense kaiming-uniform × √nb); bias ``U(±1/√out)`` (upstream's quirk)."""
+    in/nb)``), init ``U(±1/√(in/nb))`` (dense kaiming-uniform × √nb); bias ``U(±1/√out)`` (upstream's quirk).
+    """
 
     def __init__(self, in_features: int, out_features: int, *, nblocks: int = 4, bias: bool = True,
                  names=("embed", "mlp"), rngs: nnx.Rngs):  # fmt: skip
@@ -293,8 +296,8 @@ class BlockdiagLinear(nnx.Module):
             raise ValueError(f"BlockdiagLinear: nblocks={nblocks} must divide in={in_features} and out={out_features}")
         self.nblocks, self.out_features = nblocks, out_features
         p, q = in_features // nblocks, out_features // nblocks
-        w, b = random_parts(rngs.params(), [((nblocks, p, q), "uniform", 1.0 / math.sqrt(p)),
-                                            ((out_features,), "uniform" if bias else "zeros", 1.0 / math.sqrt(out_features))])  # fmt: skip
+        bias_spec = ((out_features,), "uniform" if bias else "zeros", 1.0 / math.sqrt(out_features))
+        w, b = random_parts(rngs.params(), [((nblocks, p, q), "uniform", 1.0 / math.sqrt(p)), bias_spec])
         self.weight = sharding.param(w, None, *names)
         self.bias = sharding.param(b, names[1]) if bias else None
 
@@ -307,7 +310,7 @@ class BlockdiagLinear(nnx.Module):
 
 
 class MonarchLinear(nnx.Module):
-    """Two-factor Monarch linear (fly ``MonarchLinear`` layout, factors ``(blocks, out, in)``; a deviation from M2-BERT).
+    """Two-factor Monarch linear (fly ``MonarchLinear`` layout, factors ``(blocks, out, in)``); not in M2-BERT.
 
     ``in < out``: ``w1 (nb, in/nb, in/nb)``, ``w2 (nb, out/nb, in/nb)``; else ``w1 (nb, out/nb, in/nb)``,
     ``w2 (nb, out/nb, out/nb)``. Init ``U(±1/√(last dim))`` per factor; bias ``U(±1/√out)``.
@@ -318,9 +321,10 @@ class MonarchLinear(nnx.Module):
         if in_features % nblocks or out_features % nblocks:
             raise ValueError(f"MonarchLinear: nblocks={nblocks} must divide in={in_features} and out={out_features}")
         p, o = in_features // nblocks, out_features // nblocks
-        s1, s2 = ((nblocks, p, p), (nblocks, o, p)) if in_features < out_features else ((nblocks, o, p), (nblocks, o, o))
-        w1, w2, b = random_parts(rngs.params(), [(s1, "uniform", 1 / math.sqrt(s1[-1])), (s2, "uniform", 1 / math.sqrt(s2[-1])),
-                                                 ((out_features,), "uniform" if bias else "zeros", 1 / math.sqrt(out_features))])  # fmt: skip
+        grow = in_features < out_features
+        s1, s2 = ((nblocks, p, p), (nblocks, o, p)) if grow else ((nblocks, o, p), (nblocks, o, o))
+        bias_spec = ((out_features,), "uniform" if bias else "zeros", 1 / math.sqrt(out_features))
+        w1, w2, b = random_parts(rngs.params(), [(s, "uniform", 1 / math.sqrt(s[-1])) for s in (s1, s2)] + [bias_spec])
         self.w1 = sharding.param(w1, None, None, None)
         self.w2 = sharding.param(w2, None, None, None)
         self.bias = sharding.param(b, None) if bias else None
@@ -335,7 +339,8 @@ class DenseLinear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True, init: str = "torch",
                  names=("embed", "mlp"), rngs: nnx.Rngs):  # fmt: skip
-        w, b = random_parts(rngs.params(), linear_specs((in_features, out_features), (out_features,), in_features, init))
+        specs = linear_specs((in_features, out_features), (out_features,), in_features, init)
+        w, b = random_parts(rngs.params(), specs)
         self.weight = sharding.param(w, *names)
         self.bias = sharding.param(b, names[1]) if bias else None
 
