@@ -13,10 +13,26 @@ import splits and export concatenates. Head-major flattening (channel = h·P + p
     norm.weight            norm (H,P)                              reshape
     out_proj.weight        out_proj (H,P,D)                        transpose, reshape
     out_proj.bias          out_proj_bias (D,)                      as is
+
+Whole models (``Mamba2ForCausalLM`` <-> ``LM`` with ``block_pattern=("mamba2",)``, ``lcjax/models/mamba2_block.py``):
+
+    backbone.embeddings.weight (V, D)    embed_tokens.weight         as is (``backbone.embedding.`` also read)
+    backbone.layers.{i}.norm.weight      layers[i].norm.weight       as is
+    backbone.layers.{i}.mixer.*          layers[i].mixer.*           the mixer map above
+    backbone.norm_f.weight               norm.weight                 as is
+    lm_head.weight (V, D)                lm_head (D, V)              transpose; absent from the LM when tied
+
+With ``scan_layers=True`` the per-layer arrays are stacked on the leading ``layers`` axis (and unstacked on export).
+Reference: transformers 5.23.0 ``models/mamba2/{configuration,modeling}_mamba2.py``.
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import math
+import os
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from lcjax.layers.mamba2 import Mamba2, Mamba2Config
+from lcjax.models.lm import LM, LMConfig
 
 
 def mixer_config_from_hf(hf_config: Any, **overrides) -> Mamba2Config:
@@ -160,4 +177,161 @@ def mixer_to_hf(mixer: Mamba2, prefix: str = "") -> dict[str, np.ndarray]:
     return {prefix + k: v for k, v in out.items()}
 
 
-__all__ = ["load_mixer_params", "mixer_config_from_hf", "mixer_from_hf", "mixer_params_from_hf", "mixer_to_hf"]
+# ---- whole models ------------------------------------------------------------------------------------------------
+HF_DEFAULTS = dict(  # transformers 5.23.0 Mamba2Config defaults, for config.json files that omit a field
+    head_dim=64, state_size=128, layer_norm_epsilon=1e-5, expand=2, conv_kernel=4, n_groups=8, use_bias=False,
+    use_conv_bias=True, hidden_act="silu", residual_in_fp32=True, time_step_min=0.001, time_step_max=0.1,
+    time_step_floor=1e-4, time_step_limit=(0.0, math.inf), chunk_size=256, tie_word_embeddings=False,
+)  # fmt: skip
+
+
+def config_from_hf(hf_config: Any, **overrides) -> LMConfig:
+    """``LMConfig`` (``block_pattern=("mamba2",)``) of an HF ``Mamba2Config`` object or its ``config.json`` dict.
+
+    HF uses ``layer_norm_epsilon`` for the block norms, ``norm_f`` and the gated norm alike. ``residual_in_fp32`` is
+    accepted either way: lcjax always adds the residual in float32 (identical in float32 compute).
+    """
+    if isinstance(hf_config, Mapping):
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads") if k not in hf_config]
+        if missing:
+            raise ValueError(f"hf_config: missing required fields {missing}")
+        fields = HF_DEFAULTS | dict(hf_config)
+        # transformers writes non-finite floats into config.json as {"__float__": "Infinity"}
+        unjson = lambda v: float(v["__float__"]) if isinstance(v, Mapping) and "__float__" in v else v
+        fields["time_step_limit"] = tuple(float(unjson(v)) for v in fields["time_step_limit"])
+        hf_config = types.SimpleNamespace(**fields)
+    c = hf_config
+    if c.hidden_act != "silu":
+        raise ValueError(f"hf_config.hidden_act={c.hidden_act!r}: the Mamba-2 mixer supports 'silu' only")
+    kw = dict(
+        vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers, block_pattern=("mamba2",),
+        mamba2=mixer_config_from_hf(c), norm_eps=c.layer_norm_epsilon, tie_embeddings=bool(c.tie_word_embeddings),
+        max_seq_len=1 << 20,
+    )  # fmt: skip
+    return LMConfig(**(kw | overrides))
+
+
+def config_to_hf(cfg: LMConfig) -> dict[str, Any]:
+    """The HF ``Mamba2Config`` kwargs describing ``cfg`` (pure Mamba-2 models with HF's mixer options only)."""
+    m = cfg.mamba2
+    if cfg.block_pattern != ("mamba2",):
+        raise ValueError(f"config_to_hf: cfg.block_pattern must be ('mamba2',) for HF, got {cfg.block_pattern}")
+    unsupported = {"rmsnorm": not m.rmsnorm, "norm_before_gate": m.norm_before_gate,
+                   "norm_eps": m.norm_eps != cfg.norm_eps, "long_context": m.long_context != type(m.long_context)()}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"config_to_hf: Mamba2Config fields {bad} have no HF equivalent (need rmsnorm=True, "
+                         f"norm_before_gate=False, mamba2.norm_eps == norm_eps, default long_context)")  # fmt: skip
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, state_size=m.d_state,
+        expand=m.expand, head_dim=m.head_dim, num_heads=m.num_heads, n_groups=m.n_groups, conv_kernel=m.d_conv,
+        chunk_size=m.chunk_size, use_bias=m.bias, use_conv_bias=m.conv_bias, layer_norm_epsilon=cfg.norm_eps,
+        time_step_min=m.dt_min, time_step_max=m.dt_max, time_step_floor=m.dt_init_floor,
+        time_step_limit=tuple(m.dt_limit), tie_word_embeddings=cfg.tie_embeddings, residual_in_fp32=True,
+        hidden_act="silu",
+    )  # fmt: skip
+
+
+def _mixer_keys(m: Mamba2Config) -> list[str]:
+    keys = ["in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "out_proj.weight"]
+    keys += ["in_proj.bias", "out_proj.bias"] if m.bias else []
+    keys += ["conv1d.bias"] if m.conv_bias else []
+    return keys + (["norm.weight"] if m.rmsnorm else [])
+
+
+def _check_keys(tensors: Mapping[str, Any], cfg: LMConfig) -> None:
+    want = {"backbone.embeddings.weight", "backbone.norm_f.weight"} | ({"lm_head.weight"} if not cfg.tie_embeddings
+                                                                      else set())  # fmt: skip
+    for i in range(cfg.n_layers):
+        want |= {f"backbone.layers.{i}.norm.weight"}
+        want |= {f"backbone.layers.{i}.mixer.{k}" for k in _mixer_keys(cfg.mamba2)}
+    optional = {"lm_head.weight"} if cfg.tie_embeddings else set()  # HF state dicts list the tied head too
+    missing, unknown = sorted(want - set(tensors)), sorted(set(tensors) - want - optional)
+    if missing or unknown:
+        raise ValueError(f"state_dict: missing keys {missing[:5]}, unexpected keys {unknown[:5]} (for {cfg.n_layers} "
+                         f"mamba2 layers, tie_embeddings={cfg.tie_embeddings})")  # fmt: skip
+
+
+def _assign(var: nnx.Variable, value: np.ndarray, key: str) -> None:
+    if tuple(var.shape) != tuple(value.shape):
+        raise ValueError(f"state_dict[{key!r}]: shape {tuple(value.shape)} does not fit lcjax shape {tuple(var.shape)}")
+    var.set_value(jnp.asarray(value, var.dtype))
+
+
+def mamba2_from_state_dict(state_dict: Mapping[str, Any], cfg: LMConfig) -> LM:
+    """An ``LM`` holding HF ``Mamba2ForCausalLM``-named weights (numpy arrays or torch tensors), shapes checked."""
+    if cfg.block_pattern != ("mamba2",):
+        raise ValueError(f"mamba2_from_state_dict: cfg.block_pattern must be ('mamba2',), got {cfg.block_pattern}")
+    tensors = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state_dict.items()}
+    _check_keys(tensors, cfg)
+    get = lambda key: _np(tensors[key]).astype(np.float32)
+    model = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))  # every parameter is overwritten below
+    _assign(model.embed_tokens.weight, get("backbone.embeddings.weight"), "backbone.embeddings.weight")
+    _assign(model.norm.weight, get("backbone.norm_f.weight"), "backbone.norm_f.weight")
+    if not cfg.tie_embeddings:
+        _assign(model.lm_head, get("lm_head.weight").T, "lm_head.weight")
+    elif "lm_head.weight" in tensors and not np.array_equal(get("lm_head.weight"), get("backbone.embeddings.weight")):
+        raise ValueError("state_dict['lm_head.weight'] differs from the embeddings but cfg.tie_embeddings=True")
+    norms = [get(f"backbone.layers.{i}.norm.weight") for i in range(cfg.n_layers)]
+    mixers = [mixer_params_from_hf(tensors, cfg.mamba2, prefix=f"backbone.layers.{i}.mixer.")
+              for i in range(cfg.n_layers)]  # fmt: skip
+    if cfg.scan_layers:  # one stacked block: (n_layers, ...) arrays
+        blocks = [model.layers[0]]
+        norms, mixers = [np.stack(norms)], [jax.tree.map(lambda *a: np.stack(a), *mixers)]
+    else:
+        blocks = list(model.layers)
+    for i, (block, norm, mixer) in enumerate(zip(blocks, norms, mixers)):
+        _assign(block.norm.weight, norm, f"backbone.layers.{i}.norm.weight")
+        load_mixer_params(block.mixer, mixer)
+        if cfg.mamba2.long_context.state_norm or cfg.mamba2.long_context.longmamba:
+            if cfg.scan_layers:
+                raise ValueError("mamba2_from_state_dict: long-context statistics need scan_layers=False")
+            block.mixer.reset_long_context()
+    missing = [k for k, v in nnx.to_flat_state(nnx.state(model)) if not isinstance(v.get_value(), jax.Array)]
+    if missing:
+        raise ValueError(f"state_dict: no HF tensor for {missing[:5]}")
+    return model
+
+
+def mamba2_from_hf(hf_model: Any, **overrides) -> LM:
+    """An ``LM`` equal to an in-memory HF ``Mamba2ForCausalLM`` (config derived, weights copied)."""
+    return mamba2_from_state_dict(dict(hf_model.state_dict()), config_from_hf(hf_model.config, **overrides))
+
+
+def mamba2_from_pretrained_dir(path: str, **overrides) -> LM:
+    """Load a local HF-format checkpoint directory (``config.json`` + ``*.safetensors``), never unpickling."""
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = config_from_hf(json.load(f), **overrides)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"mamba2_from_pretrained_dir: no *.safetensors files in {path!r}")
+    state_dict: dict[str, np.ndarray] = {}
+    for file in files:
+        state_dict.update(load_file(file))
+    return mamba2_from_state_dict(state_dict, cfg)
+
+
+def mamba2_to_state_dict(model: LM) -> dict[str, np.ndarray]:
+    """HF ``Mamba2ForCausalLM`` state dict (float32 numpy, the keys of ``hf_model.state_dict()``) of an ``LM``."""
+    cfg = model.cfg
+    config_to_hf(cfg)  # validates that HF can express the model
+    get = lambda var: np.asarray(jax.device_get(var[...]), np.float32)
+    out = {"backbone.embeddings.weight": get(model.embed_tokens.weight)}
+    if cfg.scan_layers:
+        graphdef, state = nnx.split(model.layers[0])
+        layers = [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(cfg.n_layers)]
+    else:
+        layers = list(model.layers)
+    for i, block in enumerate(layers):
+        out[f"backbone.layers.{i}.norm.weight"] = get(block.norm.weight)
+        out.update(mixer_to_hf(block.mixer, prefix=f"backbone.layers.{i}.mixer."))
+    out["backbone.norm_f.weight"] = get(model.norm.weight)
+    out["lm_head.weight"] = out["backbone.embeddings.weight"] if cfg.tie_embeddings else get(model.lm_head).T
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+__all__ = ["config_from_hf", "config_to_hf", "load_mixer_params", "mamba2_from_hf", "mamba2_from_pretrained_dir",
+           "mamba2_from_state_dict", "mamba2_to_state_dict", "mixer_config_from_hf", "mixer_from_hf",
+           "mixer_params_from_hf", "mixer_to_hf"]  # fmt: skip

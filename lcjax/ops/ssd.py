@@ -134,7 +134,7 @@ def _acc_dtype(dtype) -> jnp.dtype:
 def segment_ids(seq_idx_BL: Int[Array, "B L"]) -> Int[Array, "B L"]:
     """0, 1, 2, ...: increases by one wherever ``seq_idx`` changes between neighbouring positions."""
     change_BL = seq_idx_BL[:, 1:] != seq_idx_BL[:, :-1]
-    first_B1 = jnp.zeros((seq_idx_BL.shape[0], 1), jnp.int32)
+    first_B1 = jnp.zeros_like(seq_idx_BL[:, :1], dtype=jnp.int32)  # keeps seq_idx's sharding (Explicit meshes)
     return jnp.concatenate([first_B1, jnp.cumsum(change_BL, axis=1, dtype=jnp.int32)], axis=1)
 
 
