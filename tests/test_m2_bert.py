@@ -57,12 +57,13 @@ def released_state_dict(cfg: M2BertConfig, rng, prefix="bert.") -> dict:
     for i in range(cfg.n_layers):
         a = f"{prefix}encoder.layer.{i}.attention."
         sd |= {a + "in_linear.weight": r(3 * d, d), a + "in_linear.bias": r(3 * d), a + "out_linear.weight": r(d, d),
-               a + "out_linear.bias": r(d), a + "short_filter.weight": r(3 * d, 1, 3), a + "short_filter.bias": r(3 * d),
-               a + "flashfft.twiddle_factors_fft_16_16": r(2, 2)}  # fmt: skip
+               a + "out_linear.bias": r(d), a + "short_filter.weight": r(3 * d, 1, 3),
+               a + "short_filter.bias": r(3 * d), a + "flashfft.twiddle_factors_fft_16_16": r(2, 2)}  # fmt: skip
         for fn in ("filter_fn", "filter_fn2"):
             p = a + fn + "."
             freq = r(1, o)
-            sd |= {p + "bias": r(d), p + "pos_emb.z": r(1, lm, e), p + "pos_emb.t": m2_filter.time_grid(lm)[None, :, None],
+            sd |= {p + "bias": r(d), p + "pos_emb.z": r(1, lm, e),
+                   p + "pos_emb.t": m2_filter.time_grid(lm)[None, :, None],
                    p + "modulation.deltas": m2_filter.decay_rates(fcfg)[None, None]}  # fmt: skip
             for mlp in ("implicit_filter", "implicit_filter_rev"):
                 sd |= {f"{p}{mlp}.0.weight": r(o, e), f"{p}{mlp}.0.bias": r(o), f"{p}{mlp}.2.weight": r(o, o),
@@ -72,8 +73,8 @@ def released_state_dict(cfg: M2BertConfig, rng, prefix="bert.") -> dict:
         sd |= {m + "gated_layers.weight": r(nb, 2 * f // nb, d // nb), m + "wo.weight": r(nb, d // nb, f // nb),
                m + "wo.bias": r(d), m + "layernorm.weight": r(d), m + "layernorm.bias": r(d)}  # fmt: skip
     c = "cls.predictions."
-    sd |= {c + "transform.dense.weight": r(d, d), c + "transform.dense.bias": r(d), c + "transform.LayerNorm.weight": r(d),
-           c + "transform.LayerNorm.bias": r(d), c + "bias": r(cfg.vocab_size),
+    sd |= {c + "transform.dense.weight": r(d, d), c + "transform.dense.bias": r(d),
+           c + "transform.LayerNorm.weight": r(d), c + "transform.LayerNorm.bias": r(d), c + "bias": r(cfg.vocab_size),
            c + "decoder.weight": sd[prefix + "embeddings.word_embeddings.weight"]}  # fmt: skip
     sd[c + "decoder.bias"] = sd[c + "bias"]
     return sd
@@ -93,7 +94,8 @@ def test_import_maps_every_released_tensor(tiny_sd):
     w = tiny_sd[a + "in_linear.weight"]  # torch channel j·d + e (split [x1 | x2 | v]) -> ours [:, j, e]
     np.testing.assert_array_equal(mixer.in_linear[...][:, 2, 5], w[2 * d + 5])
     np.testing.assert_array_equal(mixer.short_filter[...][0, 1, 3], tiny_sd[a + "short_filter.weight"][d + 3, 0, 0])
-    np.testing.assert_array_equal(mixer.filter_fn2.implicit_filter_rev.w3[...], tiny_sd[a + "filter_fn2.implicit_filter_rev.6.weight"].T)
+    w3 = tiny_sd[a + "filter_fn2.implicit_filter_rev.6.weight"]
+    np.testing.assert_array_equal(mixer.filter_fn2.implicit_filter_rev.w3[...], w3.T)
     np.testing.assert_array_equal(mixer.filter_fn.z[...], tiny_sd[a + "filter_fn.pos_emb.z"][0])
     np.testing.assert_array_equal(mixer.filter_fn.freq[...], tiny_sd[a + "filter_fn.implicit_filter.1.freq"][0])
     np.testing.assert_array_equal(mixer.filter_fn2.deltas[...], tiny_sd[a + "filter_fn2.modulation.deltas"][0, 0])

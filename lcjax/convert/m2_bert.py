@@ -60,9 +60,10 @@ def _normalize(state_dict: Mapping[str, Any], ignore: tuple[str, ...]) -> dict[s
 def m2_bert_config_from_state_dict(state_dict: Mapping[str, Any], **overrides) -> M2BertConfig:
     """Infer ``M2BertConfig`` from the tensor shapes (layer norm eps, conv impl etc. via ``overrides``)."""
     sd = {_strip(k): v for k, v in state_dict.items()}
+    f = "encoder.layer.0.attention.filter_fn."
     need = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
             "embeddings.token_type_embeddings.weight", "encoder.layer.0.mlp.gated_layers.weight",
-            "encoder.layer.0.attention.filter_fn.implicit_filter.0.weight", "encoder.layer.0.attention.filter_fn.pos_emb.z"]  # fmt: skip
+            f + "implicit_filter.0.weight", f + "pos_emb.z"]  # fmt: skip
     missing = [k for k in need if k not in sd]
     if missing:
         raise ValueError(f"m2_bert_from_state_dict: not an M2-BERT state dict, missing {missing}")
@@ -76,7 +77,8 @@ def m2_bert_config_from_state_dict(state_dict: Mapping[str, Any], **overrides) -
         max_position_embeddings=shape(need[1])[0], type_vocab_size=shape(need[2])[0],
         l_max=None if shape(need[5])[1] == shape(need[1])[0] else shape(need[5])[1],
         nblocks=nb, filter_order=o, emb_dim=e,
-        bidirectional=any("implicit_filter_rev" in k for k in sd), residual_long_conv=any(".filter_fn2." in k for k in sd),
+        bidirectional=any("implicit_filter_rev" in k for k in sd),
+        residual_long_conv=any(".filter_fn2." in k for k in sd),
         training_additions="encoder.layer.0.attention.layernorm.weight" in sd,
         pooler="pooler.dense.weight" in sd, mlm_head="cls.predictions.transform.dense.weight" in sd,
     )  # fmt: skip
@@ -175,8 +177,9 @@ def m2_bert_from_state_dict(state_dict: Mapping[str, Any], *, ignore: tuple[str,
         raise ValueError(f"m2_bert_from_state_dict: missing tensor {e.args[0]!r}") from None
     unexpected = sorted(set(sd) - used)
     if unexpected:
-        raise ValueError(f"m2_bert_from_state_dict: unexpected tensors {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-                         " (pass ignore=(prefix, ...) to skip heads lcjax does not model)")  # fmt: skip
+        more = "..." if len(unexpected) > 8 else ""
+        raise ValueError(f"m2_bert_from_state_dict: unexpected tensors {unexpected[:8]}{more} "
+                         "(pass ignore=(prefix, ...) to skip heads lcjax does not model)")  # fmt: skip
     model = jax.eval_shape(lambda: M2Bert(cfg, rngs=nnx.Rngs(0)))
     for path, var in nnx.to_flat_state(nnx.state(model, (nnx.Param, m2_filter.Buffer))):
         if path not in params:

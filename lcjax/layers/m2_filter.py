@@ -124,7 +124,7 @@ def linear_specs(w_shape: tuple[int, ...], b_shape: tuple[int, ...], fan_in: int
 
 
 class SinMLP(nnx.Module):
-    """``Linear → Sin → Linear → Sin → Linear → Sin → Linear(no bias)``; the Sin frequency is passed in (shared)."""
+    """``Linear → Sin → Linear → Sin → Linear → Sin → Linear(no bias)``; the (shared) Sin frequency is passed in."""
 
     def __init__(self, values: list[jax.Array]):
         """``values``: ``[w0, b0, w1, b1, w2, b2, w3]`` drawn by the owning ``HyenaFilter`` (``specs``)."""
@@ -170,7 +170,8 @@ class HyenaFilter(nnx.Module):
         if not 1 <= length <= cfg.l_max:
             raise ValueError(f"HyenaFilter: sequence length {length} must be in [1, l_max={cfg.l_max}]")
         z_LE = self.z[...][:length]
-        t_L1, deltas_1D = jax.lax.stop_gradient(self.t[...][:length, None]), jax.lax.stop_gradient(self.deltas[...][None])
+        t_L1 = jax.lax.stop_gradient(self.t[...][:length, None])  # buffers: no gradient, as upstream
+        deltas_1D = jax.lax.stop_gradient(self.deltas[...][None])
         decay_LD = jnp.exp(-t_L1 * jnp.abs(deltas_1D)) + cfg.shift
         freq = self.freq[...]
         k_LD = self.implicit_filter(z_LE, freq, cfg.w_mod) * decay_LD

@@ -174,7 +174,8 @@ class M2Bert(nnx.Module):
             self.decoder_bias = sharding.param(jnp.zeros((cfg.vocab_size,)), "vocab")
 
     def __call__(
-        self, input_ids_BL: Int[Array, "B L"], *, attention_mask_BL: Bool[Array, "B L"] | Int[Array, "B L"] | None = None,
+        self, input_ids_BL: Int[Array, "B L"], *,
+        attention_mask_BL: Bool[Array, "B L"] | Int[Array, "B L"] | None = None,
         token_type_ids_BL: Int[Array, "B L"] | None = None,
     ) -> Float[Array, "B L D"]:  # fmt: skip
         cfg = self.cfg

@@ -17,10 +17,11 @@ convention checked against HazyResearch/fly ``src/ops/blockdiag_butterfly_multip
 So ``w1`` is the paper's R and ``w2`` its L; each factor is one batched GEMM, ``2·n^{3/2}`` multiply-adds when all
 blocks are ``√n × √n``. Block letters in this module are local to it (k, q, p, l, s, r as above); ``...`` is batch.
 
-**DFT.** With ``ω_n = exp(-2πi/n)``, ``n = b1·b2``, input index ``t = b2·n1 + n2`` and output index ``f = k1 + b1·k2``:
-``X[k1 + b1·k2] = Σ_{n2} ω_{b2}^{n2·k2} · ω_n^{n2·k1} · Σ_{n1} ω_{b1}^{n1·k1} x[b2·n1 + n2]`` (Cooley-Tukey), i.e. a
-Monarch product whose first factor has blocks ``diag(ω_n^{n2·k1}) F_{b1}`` (one per ``n2``, the twiddles) and whose
-second factor has ``b1`` copies of ``F_{b2}``; the input permutation is the reshape-transpose ``(b1 b2) -> (b2 b1)``.
+**DFT.** With ``ω_n = exp(-2πi/n)``, ``n = b1·b2``, input index ``t = b2·n1 + n2`` and output index
+``f = k1 + b1·k2``: ``X[k1 + b1·k2] = Σ_{n2} ω_{b2}^{n2·k2} · ω_n^{n2·k1} · Σ_{n1} ω_{b1}^{n1·k1} x[b2·n1 + n2]``
+(Cooley-Tukey), i.e. a Monarch product whose first factor has blocks ``diag(ω_n^{n2·k1}) F_{b1}`` (one per
+``n2``: the twiddles) and whose second factor has ``b1`` copies of ``F_{b2}``; the input permutation is the
+reshape-transpose ``(b1 b2) -> (b2 b1)``.
 ``monarch_fft`` runs exactly these two GEMM stages (shared DFT blocks plus an elementwise twiddle, the FlashFFTConv
 form); ``dft_monarch_factors`` returns the same factors in the fly convention for ``monarch_matmul``.
 """
@@ -61,8 +62,8 @@ def _check_factors(w1, w2) -> tuple[int, int, int, int, int, int]:
 
 
 def monarch_matmul(
-    x: Shaped[ArrayIn, "*batch n"], w1: Shaped[ArrayIn, "k q p"], w2: Shaped[ArrayIn, "l s r"], *, impl: Impl | str = Impl.BMM,
-    precision=HIGHEST,
+    x: Shaped[ArrayIn, "*batch n"], w1: Shaped[ArrayIn, "k q p"], w2: Shaped[ArrayIn, "l s r"], *,
+    impl: Impl | str = Impl.BMM, precision=HIGHEST,
 ) -> Shaped[Array, "*batch m"]:  # fmt: skip
     """``M x`` for the order-2 Monarch ``M = P2 B2 P1 B1`` (module docstring), over the last axis of ``x``.
 
@@ -71,7 +72,8 @@ def monarch_matmul(
     """
     k, q, p, l, s, r = _check_factors(w1, w2)
     if x.shape[-1] != k * p:
-        raise ValueError(f"monarch_matmul: x has {x.shape[-1]} features on its last axis, w1 {w1.shape} needs k·p={k * p}")
+        raise ValueError(f"monarch_matmul: x has {x.shape[-1]} features on its last axis; w1 {w1.shape} needs "
+                         f"k·p={k * p}")  # fmt: skip
     if impl not in tuple(Impl):
         raise ValueError(f"monarch_matmul: impl={impl!r}; allowed: {tuple(i.value for i in Impl)}")
     if Impl(impl) == Impl.DENSE:
@@ -98,12 +100,13 @@ def monarch_to_dense(w1: Shaped[ArrayIn, "k q p"], w2: Shaped[ArrayIn, "l s r"])
     return (b2 @ b1[p1])[p2]
 
 
-def monarch_project(m: Shaped[ArrayIn, "m n"], *, k: int, l: int) -> tuple[Shaped[Array, "k l p"], Shaped[Array, "l s k"]]:
+def monarch_project(m: Shaped[ArrayIn, "m n"], *, k: int, l: int
+                    ) -> tuple[Shaped[Array, "k l p"], Shaped[Array, "l s k"]]:  # fmt: skip
     """The Frobenius-nearest Monarch matrix to the dense ``m`` (``(l·s, k·p)``), as factors ``(w1, w2)``.
 
     Closed form (Monarch paper, Thm. 1): with ``q = l`` and ``r = k``, entry ``M[(si, li), (ki, pi)] =
-    w2[li, si, ki] · w1[ki, li, pi]``, so each of the ``l·k`` sub-blocks ``m[(:, li), (ki, :)]`` (an ``s × p`` matrix) is
-    rank 1 and owns its own factor entries. The best approximation is therefore the top singular pair of each
+    w2[li, si, ki] · w1[ki, li, pi]``, so each of the ``l·k`` sub-blocks ``m[(:, li), (ki, :)]`` (an ``s × p``
+    matrix) is rank 1 and owns its own factor entries. The best approximation is therefore the top singular pair of each
     sub-block; the projection is exact for Monarch inputs and optimal otherwise.
     """
     if m.ndim != 2:
@@ -137,7 +140,7 @@ def _check_n_b1(n: int, b1: int | None, who: str) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=64)
 def _dft_blocks(n: int, b1: int, inverse: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``F_{b1}``, ``F_{b2}`` and the twiddles ``ω_n^{k1·n2}`` (``(b1, b2)``), in complex128, conjugated if inverse."""
+    """``F_{b1}``, ``F_{b2}`` and the twiddles ``ω_n^{k1·n2}`` ``(b1, b2)``, complex128, conjugated if inverse."""
     b2 = n // b1
     sign = 1.0 if inverse else -1.0
     dft = lambda m: np.exp(sign * 2j * np.pi * np.outer(np.arange(m), np.arange(m)) / m)
