@@ -15,7 +15,9 @@ striped     tokens ``r, r+n, r+2n, ...``                     1 + (n-1)/(L+1)    
 Zigzag is the DualChunkSwap of Llama-3 context parallelism (zhuzilin/ring-flash-attention
 ``test/test_zigzag_ring_flash_attn_func.py::extract_local``, MaxText ``max_utils.reorder_sequence``); striped is
 "Striped Attention", Brandon et al. 2023, https://arxiv.org/abs/2311.09431. Outputs and the loss stay in the
-permuted order during training; ``undo_layout`` restores the original order for evaluation.
+permuted order during training; ``undo_layout`` restores the original order for evaluation. Recurrent blocks are
+not layout-agnostic: context-parallel Mamba-2 (``lcjax.ops.ssd_context_parallel``) passes the state from device
+r-1 to device r, so models with such blocks must use the contiguous layout.
 
 Two context-parallel attention strategies with the same signature, both called inside ``jax.shard_map``:
 
@@ -285,10 +287,9 @@ def ring_work(
     """Score tiles each device computes in ``ring_attention``'s forward pass: int ``[n]``.
 
     Inputs are the global (already permuted) positions / segment ids. Replays the kernel's schedule with its own
-    rules: at hop s device r sees block ``(r - s) mod n``; a hop is skipped when ``masks.tile_may_attend`` is False
-    for the whole blocks, and inside a hop each (q tile, kv tile) pair of ``block_q x block_kv`` is computed iff
-    ``tile_may_attend`` holds for the tile (tiles from ``default_block`` when None, padded at the edge as in
-    ``blockwise_fwd``). max/mean of the result is the load imbalance.
+    rule: over the n hops device r meets every block once, and each (q tile, kv tile) pair of ``block_q x
+    block_kv`` is computed iff ``masks.tile_may_attend`` holds for the tile (tiles from ``default_block`` when None,
+    padded at the edge as in the kernel). max/mean of the result is the load imbalance.
     """
     qp, kp = np.asarray(q_positions, np.int32), np.asarray(kv_positions, np.int32)
     qs = np.zeros_like(qp) if q_segment_ids is None else np.asarray(q_segment_ids, np.int32)
@@ -307,12 +308,7 @@ def ring_work(
 
     may = jax.jit(jax.vmap(lambda a, b_, c, d: masks.tile_may_attend(a, b_, c, d, causal=causal, window=window)))
     flat = lambda *xs: [x.reshape(-1, *x.shape[-2:]) for x in xs]  # noqa: E731
-    # whole-block visibility for every (device r, block j)
-    blk = lambda x, t: x.reshape(B, n, t).transpose(1, 0, 2)  # noqa: E731
-    r, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    qb, qsb, kb, ksb = blk(qp, T)[r], blk(qs, T)[r], blk(kp, Tk)[j], blk(ks, Tk)[j]
-    hop_visible = np.asarray(may(*flat(qb, kb, qsb, ksb))).reshape(n, n)
-    # tile visibility for every (r, j, q tile, kv tile)
+    # tile visibility for every (device r, block j, q tile, kv tile); device r meets every block j once per ring
     qt, qst, kt, kst = tiles(qp, T, bq), tiles(qs, T, bq), tiles(kp, Tk, bk), tiles(ks, Tk, bk)
     nq, nk = qt.shape[1], kt.shape[1]
     a = np.broadcast_to(qt[:, None, :, None], (n, n, nq, nk, B, bq))
@@ -320,7 +316,7 @@ def ring_work(
     b_ = np.broadcast_to(kt[None, :, None, :], (n, n, nq, nk, B, bk))
     d = np.broadcast_to(kst[None, :, None, :], (n, n, nq, nk, B, bk))
     tile_visible = np.asarray(may(*flat(a, b_, c, d))).reshape(n, n, nq, nk)
-    return (tile_visible.sum(axis=(2, 3)) * hop_visible).sum(axis=1)
+    return tile_visible.sum(axis=(1, 2, 3))
 
 
 def pair_work(
