@@ -22,7 +22,7 @@ from lcjax.ops import context_parallel as cp
 from lcjax.ops.losses import token_cross_entropy
 from tests.tolerances import F32_SHARDED
 
-CFG = LMConfig.tiny(attn_impl="reference")  # the one-device oracle is dense; context-parallel paths use ring / all-gather
+CFG = LMConfig.tiny(attn_impl="reference")  # dense one-device oracle; under context parallelism ring / all-gather run
 B, L = 2, 32
 
 

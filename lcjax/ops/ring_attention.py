@@ -158,7 +158,7 @@ def _ring_size(axis_name) -> int:
     return 1 if axis_name is None else lax.axis_size(axis_name)
 
 
-# ---- forward ----------------------------------------------------------------------------------------------------------
+# ---- forward ---------------------------------------------------------------------------------------------------------
 def _ring_fwd_impl(q, k, v, qp, kp, qs, ks, axis_name, causal, window, scale, bq, bk):
     t = _tiling(q, k, bq, bk)
     n = _ring_size(axis_name)
@@ -215,7 +215,7 @@ def _ring_fwd(q, k, v, qp, kp, qs, ks, axis_name, causal, window, scale, bq, bk)
     return (out, lse), (q, k, v, qp, kp, qs, ks, out, lse)
 
 
-# ---- backward ---------------------------------------------------------------------------------------------------------
+# ---- backward --------------------------------------------------------------------------------------------------------
 def _ring_bwd(axis_name, causal, window, scale, bq, bk, residuals, cotangents):
     q, k, v, qp, kp, qs, ks, out, lse = residuals
     dout, dlse = cotangents
