@@ -14,8 +14,8 @@ intra_op_parallelism_threads=1``; the box is shared), ``--threads 2`` uses both 
 ``jax.jit(f).lower(...).compile()``d first; time = min over N calls of the process CPU time (one XLA thread:
 robust to the preemption that makes wall-clock times swing several-fold on this shared box; wall times are in the
 JSON), the variants of one length interleaved call by call; memory = ``memory_analysis()`` temp + argument
-bytes. Attention baseline = a causal attention layer of the same width (q/k/v/o projections + ``lcjax.ops.attention.blockwise_attention``, H = 4, P = 64,
-block 512). Slopes: least squares on log-log over L >= 4K, 95% CI from 1000 bootstrap resamples of the per-call
+bytes. Attention baseline = a causal attention layer of the same width (q/k/v/o projections +
+``lcjax.ops.attention.blockwise_attention``, H = 4, P = 64, block 512). Slopes: least squares on log-log over L >= 4K, 95% CI from 1000 bootstrap resamples of the per-call
 times. The small causal-M2 vs attention vs Mamba-2 MQAR comparison needs the decoder LM and is not run here.
 """
 
@@ -291,7 +291,8 @@ def write_readme(results: dict, path: Path) -> None:
         " 512) — `lcjax.ops.attention.blockwise_attention` existed at run time. Time: min over N calls of the"
         " compiled function's *process CPU time* (one XLA thread, so CPU time = compute time even while other jobs"
         " preempt us; wall-clock samples are in the JSON), variants of one length interleaved call by call."
-        " Memory: `memory_analysis()` temp + argument bytes. Slopes: least squares on log-log over L >= 4K with 95% bootstrap CIs.", "",
+        " Memory: `memory_analysis()` temp + argument bytes. Slopes: least squares on log-log over L >= 4K with 95%"
+        " bootstrap CIs.", "",
         f"**Machine.** {env['cpu_model']}, {env['cpu_count']} cores shared with other engineers' jobs (load average"
         f" {env['loadavg_start']} at the start, {env['loadavg_end']} at the end), {THREADS} XLA thread(s)."
         f" Python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}, numpy {env['numpy']}. Wall time"
