@@ -16,7 +16,8 @@ robust to the preemption that makes wall-clock times swing several-fold on this 
 JSON), the variants of one length interleaved call by call; memory = ``memory_analysis()`` temp + argument
 bytes. Attention baseline = a causal attention layer of the same width (q/k/v/o projections +
 ``lcjax.ops.attention.blockwise_attention``, H = 4, P = 64, block 512). Slopes: least squares on log-log over
-L >= 4K, 95% CI from 1000 bootstrap resamples of the per-call times. The small causal-M2 vs attention vs Mamba-2 MQAR comparison needs the decoder LM and is not run here.
+L >= 4K, 95% CI from 1000 bootstrap resamples of the per-call times. The small causal-M2 vs attention vs Mamba-2
+MQAR comparison needs the decoder LM and is not run here.
 """
 
 from __future__ import annotations
