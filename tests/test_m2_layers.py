@@ -169,6 +169,7 @@ def _loss(model, ids, mask):
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target) + jnp.mean(model.pooled(h, mask) ** 2)
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded():
     """One train-step's loss and gradients: unsharded vs data=2 x fsdp=2 x tensor=2 under fsdp_tp (M2-BERT, causal)."""
     cfg = M2BertConfig.tiny(n_layers=1)
