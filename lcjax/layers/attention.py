@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcjax import sharding
+from lcjax.layers.basic import normal_init
 from lcjax.ops import attention as attention_ops
 from lcjax.ops import context_parallel
 from lcjax.ops import rope as rope_ops
@@ -98,11 +99,12 @@ class Attention(nnx.Module):
     def __init__(self, cfg: AttentionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         D, H, K, P = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        init = nnx.initializers.normal(0.02)
-        self.q_proj = sharding.param(init(rngs.params(), (D, H, P), param_dtype), "embed", "heads", "head_dim")
-        self.k_proj = sharding.param(init(rngs.params(), (D, K, P), param_dtype), "embed", "kv_heads", "head_dim")
-        self.v_proj = sharding.param(init(rngs.params(), (D, K, P), param_dtype), "embed", "kv_heads", "head_dim")
-        self.o_proj = sharding.param(init(rngs.params(), (H, P, D), param_dtype), "heads", "head_dim", "embed")
+        shapes = {"q": (D, H, P), "k": (D, K, P), "v": (D, K, P), "o": (H, P, D)}
+        w = normal_init(rngs.params(), shapes, std=0.02, dtype=param_dtype)  # HF Llama: N(0, initializer_range)
+        self.q_proj = sharding.param(w["q"], "embed", "heads", "head_dim")
+        self.k_proj = sharding.param(w["k"], "embed", "kv_heads", "head_dim")
+        self.v_proj = sharding.param(w["v"], "embed", "kv_heads", "head_dim")
+        self.o_proj = sharding.param(w["o"], "heads", "head_dim", "embed")
         if cfg.qkv_bias:
             self.q_bias = sharding.param(jnp.zeros((H, P), param_dtype), "heads", "head_dim")
             self.k_bias = sharding.param(jnp.zeros((K, P), param_dtype), "kv_heads", "head_dim")

@@ -9,10 +9,26 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lcjax import sharding
 from lcjax.typing import Array, Float, Int
+
+
+def normal_init(key: jax.Array, shapes: dict[str, tuple[int, ...]], *, std: float, dtype=jnp.float32) -> dict:
+    """Independent N(0, std²) arrays of the given shapes from ONE flat draw.
+
+    XLA:CPU compiles each distinct random-normal shape separately (0.6–4 s each on the dev box, worse for rank ≥ 3),
+    so a module draws all its weights at once and slices.
+    """
+    sizes = [int(np.prod(shape)) for shape in shapes.values()]
+    flat = jax.random.normal(key, (sum(sizes),), dtype) * jnp.asarray(std, dtype)
+    out, start = {}, 0
+    for (name, shape), size in zip(shapes.items(), sizes):
+        out[name] = flat[start : start + size].reshape(shape)
+        start += size
+    return out
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
@@ -37,9 +53,9 @@ class Embedding(nnx.Module):
     """Token embedding ``[V, D]``; ``attend`` reuses it as the output projection (tied embeddings)."""
 
     def __init__(self, vocab_size: int, dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        w_VD = jax.random.normal(rngs.params(), (vocab_size, dim), param_dtype)  # HF Llama: N(0, 0.02) by config
+        w_VD = normal_init(rngs.params(), {"w": (vocab_size, dim)}, std=0.02, dtype=param_dtype)["w"]  # HF Llama init
         self.vocab_size = vocab_size
-        self.weight = sharding.param(w_VD * 0.02, "vocab", "embed")
+        self.weight = sharding.param(w_VD, "vocab", "embed")
 
     def __call__(self, tokens_BL: Int[Array, "B L"], dtype=jnp.float32) -> Float[Array, "B L D"]:
         return sharding.take(sharding.read(self.weight), tokens_BL, out=("act_batch", "act_seq", "act_embed")).astype(dtype)
@@ -53,10 +69,11 @@ class MLP(nnx.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
     def __init__(self, dim: int, hidden: int, *, bias: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        init = nnx.initializers.normal(0.02)
-        self.gate_proj = sharding.param(init(rngs.params(), (dim, hidden), param_dtype), "embed", "mlp")
-        self.up_proj = sharding.param(init(rngs.params(), (dim, hidden), param_dtype), "embed", "mlp")
-        self.down_proj = sharding.param(init(rngs.params(), (hidden, dim), param_dtype), "mlp", "embed")
+        w = normal_init(rngs.params(), {"gate": (dim, hidden), "up": (dim, hidden), "down": (hidden, dim)}, std=0.02,
+                        dtype=param_dtype)  # fmt: skip
+        self.gate_proj = sharding.param(w["gate"], "embed", "mlp")
+        self.up_proj = sharding.param(w["up"], "embed", "mlp")
+        self.down_proj = sharding.param(w["down"], "mlp", "embed")
         self.bias = bias
         if bias:
             self.gate_bias = sharding.param(jnp.zeros((hidden,), param_dtype), "mlp")

@@ -25,7 +25,7 @@ from flax import nnx
 from lcjax import sharding
 from lcjax.layers import stack as stack_lib
 from lcjax.layers.attention import Attention, AttentionConfig
-from lcjax.layers.basic import MLP, Embedding, RMSNorm
+from lcjax.layers.basic import MLP, Embedding, RMSNorm, normal_init
 from lcjax.layers.mamba2 import Mamba2Config
 from lcjax.ops import rope as rope_ops
 from lcjax.typing import Array, ArrayLike, Float, Int
@@ -217,8 +217,8 @@ class LM(nnx.Module):
             self.layers = nnx.List([classes[kind](cfg, rngs=rngs) for kind in cfg.layer_types()])
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         if not cfg.tie_embeddings:
-            init = nnx.initializers.normal(0.02)
-            self.lm_head = sharding.param(init(rngs.params(), (cfg.d_model, cfg.vocab_size), pd), "embed", "vocab")
+            w_DV = normal_init(rngs.params(), {"w": (cfg.d_model, cfg.vocab_size)}, std=0.02, dtype=pd)["w"]
+            self.lm_head = sharding.param(w_DV, "embed", "vocab")
 
     def __call__(
         self, tokens_BL: Int[ArrayLike, "B L"], *, positions_BL: Int[ArrayLike, "B L"] | None = None,
