@@ -29,3 +29,5 @@ def max_rel_err(x, ref, tiny=1e-12):
     """max |x - ref| / max(max |ref|, tiny): the norm used for F32_GRAD_REL."""
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     return float(np.max(np.abs(x - ref)) / max(float(np.max(np.abs(ref))), tiny))
+# float64 computations against float64 references (exact algebra up to rounding; e.g. causal Monarch, M2-BERT in f64).
+F64 = dict(atol=1e-10, rtol=1e-10)

@@ -2,6 +2,7 @@
 
 ``LMConfig.block_pattern`` is cycled over the layers: ``("attention",)`` is a Llama-style transformer,
 ``("mamba2",)`` a Mamba-2 LM (``LMConfig.mamba2`` configures its mixer, ``lcjax/models/mamba2_block.py``),
+``("m2",)`` a causal Monarch Mixer LM (``LMConfig.m2``, ``lcjax/models/m2_block.py``),
 ``("mamba2", "mamba2", "attention")`` a hybrid. Each block type is a residual block
 class with one calling convention, ``block(x_BLD, *, positions_BL, segment_ids_BL, cache) -> (x_BLD, cache)``, and
 ``block.init_cache(batch, length, dtype)``; the trainer never needs to know which types are inside.
@@ -27,13 +28,14 @@ from lcjax.layers import stack as stack_lib
 from lcjax.layers.attention import Attention, AttentionConfig
 from lcjax.layers.basic import MLP, Embedding, RMSNorm, normal_init
 from lcjax.layers.mamba2 import Mamba2Config
+from lcjax.layers.monarch_mixer import M2SequenceMixerConfig
 from lcjax.ops import rope as rope_ops
 from lcjax.typing import Array, ArrayLike, Float, Int
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------------
-BLOCK_TYPES = ("attention", "mamba2")
+BLOCK_TYPES = ("attention", "mamba2", "m2")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,6 +49,7 @@ class LMConfig:
     mlp_dim: int = 0  # SwiGLU hidden width; 0 -> no MLP in attention blocks is NOT allowed (validated)
     block_pattern: tuple[str, ...] = ("attention",)
     mamba2: Mamba2Config | None = None  # the mixer of "mamba2" blocks (required when the pattern has one)
+    m2: M2SequenceMixerConfig | None = None  # the causal sequence mixer of "m2" blocks (ditto)
     max_seq_len: int = 2048
     rope: rope_ops.RopeConfig = rope_ops.RopeConfig()
     norm_eps: float = 1e-5
@@ -91,6 +94,17 @@ class LMConfig:
                 raise ValueError(f"LMConfig.mamba2.d_model={self.mamba2.d_model} must equal d_model={self.d_model}")
         elif self.mamba2 is not None and not isinstance(self.mamba2, Mamba2Config):
             raise ValueError(f"LMConfig.mamba2={self.mamba2!r} must be a Mamba2Config or None")
+        if "m2" in self.block_pattern:
+            if not isinstance(self.m2, M2SequenceMixerConfig):
+                raise ValueError(f"LMConfig.m2={self.m2!r}: an M2SequenceMixerConfig is required for 'm2' blocks")
+            if self.m2.d_model != self.d_model or self.m2.bidirectional:
+                raise ValueError(f"LMConfig.m2 must be causal (bidirectional=False) with d_model={self.d_model}")
+            if self.m2.l_max < self.max_seq_len:
+                raise ValueError(f"LMConfig.m2.l_max={self.m2.l_max} must be >= max_seq_len={self.max_seq_len}")
+            if self.mlp_dim < 1:
+                raise ValueError(f"LMConfig.mlp_dim={self.mlp_dim} must be >= 1 for m2 blocks")
+        elif self.m2 is not None and not isinstance(self.m2, M2SequenceMixerConfig):
+            raise ValueError(f"LMConfig.m2={self.m2!r} must be an M2SequenceMixerConfig or None")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16", "float64"):
                 raise ValueError(f"LMConfig.{name}={getattr(self, name)!r}; allowed: float32, bfloat16, float16, float64")
@@ -186,9 +200,10 @@ class AttentionBlock(nnx.Module):
 @functools.cache
 def _block_classes() -> dict[str, type[nnx.Module]]:
     """Block type name -> residual block class (constructor ``cls(cfg: LMConfig, *, rngs)``)."""
-    from lcjax.models.mamba2_block import Mamba2Block  # imports lcjax.layers only; late to keep lm.py importable first
+    from lcjax.models.m2_block import M2Block  # these import lcjax.layers only; late to keep lm.py importable first
+    from lcjax.models.mamba2_block import Mamba2Block
 
-    return {"attention": AttentionBlock, "mamba2": Mamba2Block}
+    return {"attention": AttentionBlock, "mamba2": Mamba2Block, "m2": M2Block}
 
 
 # ---------------------------------------------------------------------------------------------------------------

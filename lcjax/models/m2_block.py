@@ -1,0 +1,81 @@
+"""The ``"m2"`` block of the decoder LM: causal Monarch Mixer sequence mixing + SwiGLU MLP, both pre-norm residual.
+
+"Monarch Mixer: A Simple Sub-Quadratic GEMM-Based Architecture", Fu et al. 2023, https://arxiv.org/abs/2310.12109.
+The sequence mixer is ``lcjax.layers.monarch_mixer.CausalM2Mixer`` (gated short conv + implicit long filter as a
+causal FFT convolution, or the paper's causal Monarch parameterisation); the dimension mixer is the same SwiGLU MLP as
+the attention block, so M2, attention and Mamba-2 LMs compare at equal width (``experiments/m2/``).
+
+Decoding: the causal mixer has no recurrent state, so the cache keeps the normalised inputs of every token seen so far
+(``[B, S, D]``, S = cache length) and each cached call re-runs the mixer over the whole buffer (empty slots are
+padding, segment id -1) and reads the new positions. That is exact (outputs depend only on earlier inputs) and costs
+O(S log S) per call; it exists so ``generate()`` works for M2 and hybrid LMs, not to be fast.
+Dimension key (lcjax/typing.py): B batch, L length, S cache length, D model.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcjax import sharding
+from lcjax.layers.basic import MLP, RMSNorm
+from lcjax.layers.monarch_mixer import CausalM2Mixer
+from lcjax.typing import Array, Float, Int
+
+if TYPE_CHECKING:
+    from lcjax.models.lm import LMConfig
+
+
+class M2Cache(NamedTuple):
+    """Normalised mixer inputs ``h_BSD`` and their segment ids (-1 = empty slot); ``index`` = slots filled."""
+
+    h_BSD: jax.Array
+    segment_ids_BS: jax.Array
+    index: jax.Array
+
+
+class M2Block(nnx.Module):
+    """``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; ``cfg.m2`` configures the causal mixer."""
+
+    def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.mixer = CausalM2Mixer(cfg.m2, rngs=rngs)
+        self.post_mixer_layernorm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_dim, bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
+
+    def __call__(
+        self, x_BLD: Float[Array, "B L D"], *, positions_BL: Int[Array, "B L"] | None = None,
+        segment_ids_BL: Int[Array, "B L"] | None = None, cache: M2Cache | None = None,
+    ) -> tuple[Float[Array, "B L D"], M2Cache | None]:  # fmt: skip
+        B, L, _ = x_BLD.shape
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.zeros((B, L), jnp.int32)
+        h_BLD = self.input_layernorm(x_BLD)
+        if cache is None:
+            y_BLD = self.mixer(h_BLD, segment_ids_BL=segment_ids_BL, positions_BL=positions_BL)
+        else:
+            S = cache.h_BSD.shape[1]
+            if L > S:
+                raise ValueError(f"M2Block: {L} new tokens do not fit a cache of length {S}")
+            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache.index, axis=1)
+            cache = M2Cache(put(cache.h_BSD, h_BLD), put(cache.segment_ids_BS, segment_ids_BL), cache.index + L)
+            y_BSD = self.mixer(cache.h_BSD.astype(h_BLD.dtype), segment_ids_BL=cache.segment_ids_BS)
+            y_BLD = jax.lax.dynamic_slice_in_dim(y_BSD, cache.index - L, L, axis=1)
+        x_BLD = x_BLD + y_BLD.astype(x_BLD.dtype)
+        x_BLD = x_BLD + self.mlp(self.post_mixer_layernorm(x_BLD))
+        return sharding.shard(x_BLD, "act_batch", "act_seq", "act_embed"), cache
+
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> M2Cache:
+        if length > self.mixer.cfg.l_max:
+            raise ValueError(f"M2Block.init_cache: length {length} exceeds the mixer's l_max={self.mixer.cfg.l_max}")
+        return M2Cache(
+            h_BSD=jnp.zeros((batch, length, self.mixer.cfg.d_model), dtype),
+            segment_ids_BS=jnp.full((batch, length), -1, jnp.int32), index=jnp.zeros((), jnp.int32),
+        )  # fmt: skip
+
+
+__all__ = ["M2Block", "M2Cache"]
