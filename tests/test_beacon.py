@@ -11,12 +11,12 @@ import optax
 import pytest
 from flax import nnx
 
-from lcjax import data
+from lcjax import data, sharding
 from lcjax.layers.beacon import BeaconConfig, BeaconParam, chunk_layout
 from lcjax.models import beacon as beacon_lib
 from lcjax.models.lm import LM, LMConfig
 from lcjax.train import beacon as train_lib
-from tests.tolerances import EXACT, F32_MODULE
+from tests.tolerances import EXACT, F32_MODULE, F32_SHARDED
 
 V, W = 64, 8
 LM_CFG = LMConfig.tiny(vocab_size=V, max_seq_len=128)
@@ -254,25 +254,29 @@ def _dead(path):
     return path[:2] == ("beacon_layers", LM_CFG.n_layers - 1) and path[-1] in ("q_proj", "o_proj")
 
 
+def assert_beacon_only_grads(grads):
+    for path, g in nnx.state(grads, nnx.Param).flat_state():
+        g = np.asarray(g[...])
+        if _is_beacon(path):
+            assert (np.abs(g).max() > 0) != _dead(path), path
+        else:
+            np.testing.assert_array_equal(g, 0.0, err_msg=str(path))
+
+
 def test_gradients_only_on_beacon_params_and_through_memory(base):
+    """v1 (the interleave case is in the sharding test): every base gradient is exactly 0; raw tokens never see their
+    own window's beacons, so a loss on window 1 gives zero beacon gradients, and a loss on window 2 reaches them
+    only through window 1's beacon memory."""
     B, L = 2, 24
     t = toks((B, L + 1), seed=6)
-    batch = dict(inputs=t[:, :-1], targets=t[:, 1:], loss_mask=np.ones((B, L), bool))
-    for scheme in ("interleave", "step_expansion"):
-        m = make(base, scheme=scheme, beacon_params=("q", "k", "v", "o"))
-        flat = nnx.state(_grads(m, batch), nnx.Param).flat_state()
-        for path, g in flat:
-            g = np.asarray(g[...])
-            if _is_beacon(path):
-                assert (np.abs(g).max() > 0) != _dead(path), path
-            else:
-                np.testing.assert_array_equal(g, 0.0, err_msg=str(path))
-    # v1: raw tokens never see their own window's beacons, so a loss on window 1 gives zero beacon gradients, and a
-    # loss on window 2 only reaches them through window 1's beacon memory.
-    for lo, hi, nonzero in ((0, W, False), (W, 2 * W, True)):
+    m = make(base, scheme="step_expansion", beacon_params=("q", "k", "v", "o"))
+    for lo, hi, nonzero in ((0, L, True), (0, W, False), (W, 2 * W, True)):
         mask = np.zeros((B, L), bool)
         mask[:, lo:hi] = True
-        flat = nnx.state(_grads(m, batch | dict(loss_mask=mask)), BeaconParam).flat_state()
+        grads = _grads(m, dict(inputs=t[:, :-1], targets=t[:, 1:], loss_mask=mask))
+        if hi == L:
+            assert_beacon_only_grads(grads)
+        flat = nnx.state(grads, BeaconParam).flat_state()
         assert all((np.abs(np.asarray(g[...])).max() > 0) == (nonzero and not _dead(p)) for p, g in flat)
 
 
@@ -318,3 +322,26 @@ def test_sample_ratios_mixes():
     assert got.tolist() == [adapt.adapt_ratio(int(n), 4096) for n in lengths] == [2, 2, 4]
     with pytest.raises(ValueError, match="max_positions"):
         train_lib.sample_ratios(adapt, key, lengths, 2)
+
+
+def test_sharded_loss_and_grads_equal_single_device():
+    """Interleave, padded batch: base gradients are exactly 0 and beacon ones not; fsdp_tp on 8 devices (batch over
+    fsdp, heads/vocab over tensor): beacon params are born sharded like the base ones, and the loss and every
+    gradient equal the single-device ones."""
+    cfg = BeaconConfig(window=W, ratio=2, train_ratios=(2, 4), beacon_params=("q", "k", "v", "o"))
+    build = jax.jit(lambda: beacon_lib.add_beacons(LM(LM_CFG, rngs=nnx.Rngs(0)), cfg, rngs=nnx.Rngs(1)))
+    t = toks((8, 18), seed=10)
+    lengths = np.array([17, 17, 12, 17, 5, 17, 17, 9], np.int32)
+    batch = dict(inputs=t[:, :-1], targets=t[:, 1:], loss_mask=np.ones((8, 17), bool),
+                 segment_ids=(np.arange(17)[None] < lengths[:, None]).astype(np.int32))  # fmt: skip
+    value_and_grad = jax.jit(jax.value_and_grad(lambda m, b: train_lib.beacon_loss(m, b)[0]))
+    loss_1, grads_1 = value_and_grad(build(), batch)
+    assert_beacon_only_grads(grads_1)
+    with sharding.use(sharding.make_mesh(fsdp=4, tensor=2), sharding.ShardingRules.fsdp_tp()):
+        m = build()
+        for var in (m.beacon_layers[0].q_proj, m.beacon_layers[1].o_proj, m.beacon_embed_tokens):
+            assert var[...].sharding.spec == sharding.current_rules().to_pspec(*var.get_metadata()["out_sharding"])
+        loss_n, grads_n = value_and_grad(m, batch)
+    np.testing.assert_allclose(loss_n, loss_1, **F32_SHARDED)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **F32_SHARDED),
+                 nnx.state(grads_n, nnx.Param), nnx.state(grads_1, nnx.Param))  # fmt: skip

@@ -158,7 +158,7 @@ def test_inputs_beacons_cannot_reach_equal_hf(hf):
             np.testing.assert_allclose(beacon_model(hf, **kw)(t), ref, **F32_MODULE)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ["v2-interleave-r2-sink1", "v1-step_expansion-r4-qkvo"])
 def test_two_windows_match_torch_reference(hf, case):
     """A full window then a partial one, rows of different lengths in one padded batch: logits and the gradients of
     the raw-token loss w.r.t. every beacon parameter (they flow through window 1's beacons) match PyTorch."""

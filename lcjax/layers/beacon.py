@@ -314,11 +314,12 @@ class BeaconAttention(nnx.Module):
     def _proj(self, base: Attention, name: str, x_BUD, is_beacon_BU):
         """Projection ``name`` (q, k, v) of every row: the beacon weights on beacon rows, the base ones elsewhere."""
         dt = x_BUD.dtype
-        heads = "act_kv_heads" if name in ("k", "v") else "act_heads"
-        out = ("act_batch", None, heads, "act_head_dim")
+        kv = name in ("k", "v")
+        spec = "BUD,DKP->BUKP" if kv else "BUD,DHP->BUHP"
+        out = ("act_batch", None, "act_kv_heads" if kv else "act_heads", "act_head_dim")
 
         def apply(owner):
-            y = sharding.einsum("BUD,DHP->BUHP", x_BUD, sharding.read(getattr(owner, f"{name}_proj"), dt), out=out)
+            y = sharding.einsum(spec, x_BUD, sharding.read(getattr(owner, f"{name}_proj"), dt), out=out)
             if base.cfg.qkv_bias:
                 y = y + sharding.read(getattr(owner, f"{name}_bias"), dt)[None, None]
             return y

@@ -78,11 +78,17 @@ def _concrete(x) -> np.ndarray | None:
         return None
 
 
-def _scatter_rows(buf_BS, dest_BU, val_BU):
-    """``buf[b, dest[b, u]] = val[b, u]``; destinations out of range are dropped."""
+_KV = ("act_batch", None, "act_kv_heads", None)
+
+
+def _scatter_rows(buf_BS, dest_BU, val_BU, logical=_KV):
+    """``buf[b, dest[b, u]] = val[b, u]``; destinations out of range are dropped. ``logical``: the buffer's axes
+    (the output sharding under a mesh)."""
     if buf_BS.shape[1] == 0:  # e.g. no sink: nothing to write (and an empty scatter has no transpose rule)
         return buf_BS
-    return jax.vmap(lambda b, d, v: b.at[d].set(v.astype(b.dtype), mode="drop"))(buf_BS, dest_BU, val_BU)
+    b_BU = jnp.broadcast_to(jnp.arange(buf_BS.shape[0], dtype=jnp.int32)[:, None], dest_BU.shape)
+    out = sharding.pspec(*logical) if sharding.mesh_active() else None
+    return buf_BS.at[b_BU, dest_BU].set(val_BU.astype(buf_BS.dtype), mode="drop", out_sharding=out)
 
 
 def _take_rows(x_BU, idx_BT):
@@ -112,7 +118,8 @@ class BeaconLM(nnx.Module):
         else:
             if cfg.embed_init >= lm_cfg.vocab_size:
                 raise ValueError(f"BeaconConfig.embed_init={cfg.embed_init} must be < vocab_size={lm_cfg.vocab_size}")
-            init = jnp.copy(base.embed_tokens.weight[...][cfg.embed_init][None])
+            ids = jnp.full((1,), cfg.embed_init, jnp.int32)
+            init = jnp.copy(sharding.take(sharding.read(base.embed_tokens.weight), ids, out=(None, "embed")))
         self.beacon_embed_tokens = beacon_param(init, None, "embed")
         self.beacon_layers = nnx.List([BeaconAttention(blk.self_attn, cfg) for blk in base.layers])
 
@@ -143,12 +150,14 @@ class BeaconLM(nnx.Module):
         dtype = jnp.dtype(lm_cfg.dtype) if dtype is None else dtype
         M = (max_len // W) * cfg.max_memory_growth
         R = W + cfg.max_beacons
-        zeros = lambda n: jnp.zeros((batch, n, lm_cfg.n_kv_heads, lm_cfg.head_dim), dtype)
-        layer = BeaconLayerState(zeros(cfg.sink_size), zeros(cfg.sink_size), zeros(M), zeros(M), zeros(R), zeros(R))
-        z = jnp.zeros((batch,), jnp.int32)
+        kv = lambda n: sharding.shard(jnp.zeros((batch, n, lm_cfg.n_kv_heads, lm_cfg.head_dim), dtype), "act_batch",
+                                      None, "act_kv_heads", None)  # fmt: skip
+        layer = lambda: BeaconLayerState(*(kv(n) for n in (cfg.sink_size,) * 2 + (M,) * 2 + (R,) * 2))
+        z = lambda: sharding.shard(jnp.zeros((batch,), jnp.int32), "act_batch")
         return BeaconState(
-            layers=tuple(layer for _ in range(lm_cfg.n_layers)), raw_is_beacon=jnp.zeros((batch, R), bool),
-            n_mem=z, n_raw=z, filled=z, window=z, length=z, ratios=ratios_BN.astype(jnp.int32),
+            layers=tuple(layer() for _ in range(lm_cfg.n_layers)),
+            raw_is_beacon=sharding.shard(jnp.zeros((batch, R), bool), "act_batch", None), n_mem=z(), n_raw=z(),
+            filled=z(), window=z(), length=z(), ratios=sharding.shard(ratios_BN.astype(jnp.int32), "act_batch", None),
             capacity=jnp.asarray(max_len, jnp.int32),
         )  # fmt: skip
 
@@ -196,8 +205,8 @@ class BeaconLM(nnx.Module):
         B, T = tokens_BT.shape
         T_sub = min(T, W)
         n_sub = 1 + -(-(T - 1) // W)
-        tokens_BT = tokens_BT.astype(jnp.int32)
-        lengths_B = lengths_B.astype(jnp.int32)
+        tokens_BT = sharding.shard(tokens_BT.astype(jnp.int32), "act_batch", None)
+        lengths_B = sharding.shard(lengths_B.astype(jnp.int32), "act_batch")
 
         def body(carry, _):
             state, c_B = carry
@@ -208,7 +217,7 @@ class BeaconLM(nnx.Module):
 
         if self.base.cfg.remat:
             body = jax.checkpoint(body)
-        carry = (state, jnp.zeros((B,), jnp.int32))
+        carry = (state, sharding.shard(jnp.zeros((B,), jnp.int32), "act_batch"))
         if n_sub == 1:
             (state, _), out = body(carry, None)
             out = jax.tree.map(lambda a: a[None], out)
@@ -220,7 +229,8 @@ class BeaconLM(nnx.Module):
         V = logits_NBtV.shape[-1]
         dest_BX = jnp.moveaxis(dest_NBt, 0, 1).reshape(B, n_sub * T_sub)
         vals_BXV = jnp.moveaxis(logits_NBtV, 0, 1).reshape(B, n_sub * T_sub, V)
-        logits_BTV = _scatter_rows(jnp.zeros((B, T, V), jnp.float32), dest_BX, vals_BXV)
+        zeros_BTV = sharding.shard(jnp.zeros((B, T, V), jnp.float32), "act_batch", None, "act_vocab")
+        logits_BTV = _scatter_rows(zeros_BTV, dest_BX, vals_BXV, ("act_batch", None, "act_vocab"))
         return logits_BTV, state
 
     def _step(self, state: BeaconState, tokens_BT, n_B):
@@ -309,7 +319,7 @@ class BeaconLM(nnx.Module):
         R = state.layers[0].raw_k.shape[1]
         rank_BU = jnp.cumsum(lay.valid, axis=1, dtype=jnp.int32) - 1
         dest_BU = jnp.where(lay.valid, state.n_raw[:, None] + rank_BU, R)
-        raw_is_beacon = _scatter_rows(state.raw_is_beacon, dest_BU, lay.is_beacon)
+        raw_is_beacon = _scatter_rows(state.raw_is_beacon, dest_BU, lay.is_beacon, ("act_batch", None))
         n_raw = state.n_raw + jnp.sum(lay.valid, axis=1, dtype=jnp.int32)
 
         done_B1 = lay.completes[:, None]

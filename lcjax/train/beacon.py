@@ -19,6 +19,7 @@ Dimension key (lcjax/typing.py): B batch, L length, N windows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -30,12 +31,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lcjax import data
 from lcjax.layers.beacon import _ADAPT, BeaconConfig, BeaconParam
-from lcjax.models.beacon import BeaconLM
+from lcjax.models.beacon import BeaconLM, add_beacons
+from lcjax.models.lm import LM, LMConfig
+from lcjax.ops import rope as rope_ops
 from lcjax.ops.losses import token_cross_entropy
 from lcjax.typing import Array, Int
 
-__all__ = ["beacon_loss", "lengths_from_batch", "make_train_step", "sample_ratios", "train_beacons"]
+__all__ = ["beacon_loss", "beacon_stage", "build_base", "evaluate_base", "lengths_from_batch", "make_train_step",
+           "passkey_accuracy", "pretrain_lm", "run", "sample_ratios", "train_beacons"]
 
 
 def sample_ratios(
@@ -154,3 +159,190 @@ def train_beacons(
         if log_every and (i % log_every == 0 or i == steps - 1):
             log(f"step {i:5d}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}  {metrics['time_s']:.1f}s")
     return nnx.merge(graphdef, beacon, rest), history
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Passkey experiment: pretrain (or convert) a base LM, add beacons, train them, evaluate beyond the base window
+# ---------------------------------------------------------------------------------------------------------------
+def _adamw(lr: float, steps: int, weight_decay: float) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, end_value=lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=weight_decay))
+
+
+def pretrain_lm(
+    model: LM, batches: Iterable[Mapping[str, np.ndarray]], *, steps: int, tx: optax.GradientTransformation,
+    log_every: int = 0, log: Callable[[str], None] = print,
+) -> tuple[LM, list[dict[str, float]]]:
+    """Plain next-token training of every parameter of a base ``LM`` (full attention), loss on ``loss_mask``.
+
+    A minimal loop for the CPU experiment (the shared trainer, ``lcjax.train.loop``, is the general one)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, rest, batch):
+        def loss_fn(params):
+            logits_BLV = nnx.merge(graphdef, params, rest)(batch["inputs"])
+            w_BL = batch["loss_mask"].astype(jnp.float32)
+            total, count = token_cross_entropy(logits_BLV, batch["targets"], w_BL)
+            acc = jnp.sum((jnp.argmax(logits_BLV, -1) == batch["targets"]) * w_BL) / jnp.maximum(count, 1.0)
+            return total / jnp.maximum(count, 1.0), acc
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "accuracy": acc}
+
+    history, it, t0 = [], iter(batches), time.perf_counter()
+    for i in range(steps):
+        batch = {k: jnp.asarray(np.asarray(v)) for k, v in next(it).items() if k in ("inputs", "targets", "loss_mask")}
+        params, opt_state, metrics = step(params, opt_state, rest, batch)
+        metrics = {k: float(v) for k, v in metrics.items()} | {"step": i, "time_s": time.perf_counter() - t0}
+        if not np.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"pretrain_lm: non-finite loss {metrics['loss']} at step {i}")
+        history.append(metrics)
+        if log_every and (i % log_every == 0 or i == steps - 1):
+            log(f"base step {i:5d}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}  {metrics['time_s']:.1f}s")
+    return nnx.merge(graphdef, params, rest), history
+
+
+def passkey_accuracy(
+    logits_fn: Callable[[np.ndarray], jax.Array], task: data.PasskeyConfig, *, num_examples: int, batch_size: int,
+    seed: int = 0, window: int | None = None,
+) -> dict[str, float]:
+    """Teacher-forced passkey accuracy on the test split: ``digit_accuracy`` (answer digits predicted exactly) and
+    ``example_accuracy`` (all digits of an example right; chance 10^-num_digits).
+
+    With ``window`` (a beacon window W), also ``digit_accuracy_far`` / ``digit_accuracy_near`` and ``far_fraction``:
+    the same split by whether the needle's marker lies in an earlier window than the final query (so a beacon model
+    has it only in compressed memory) or in the query's own window.
+    """
+    examples = [data.generate(task, i, seed=seed, split="test") for i in range(num_examples)]
+    counts = dict(digits=0, right=0, examples_right=0, far_digits=0, far_right=0, far_examples=0)
+    for lo in range(0, num_examples, batch_size):
+        chunk = examples[lo : lo + batch_size]
+        inputs = np.stack([e["inputs"] for e in chunk])
+        targets = np.stack([e["targets"] for e in chunk])
+        mask = np.stack([e["loss_mask"] for e in chunk])
+        right = (np.asarray(logits_fn(inputs)).argmax(-1) == targets) & mask
+        counts["digits"] += int(mask.sum())
+        counts["right"] += int(right.sum())
+        counts["examples_right"] += int((right.sum(1) == mask.sum(1)).sum())
+        if window is not None:
+            needle = np.argmax(inputs == data.synthetic.PASSKEY_MARKER, axis=1)  # the first marker: the needle
+            far = needle // window < (inputs.shape[1] - 1) // window
+            counts["far_examples"] += int(far.sum())
+            counts["far_digits"] += int(mask[far].sum())
+            counts["far_right"] += int(right[far].sum())
+    out = {"digit_accuracy": counts["right"] / counts["digits"], "example_accuracy": counts["examples_right"] / num_examples}
+    if window is not None:
+        near_digits = counts["digits"] - counts["far_digits"]
+        out |= dict(
+            far_fraction=counts["far_examples"] / num_examples,
+            digit_accuracy_far=counts["far_right"] / counts["far_digits"] if counts["far_digits"] else None,
+            digit_accuracy_near=(counts["right"] - counts["far_right"]) / near_digits if near_digits else None,
+        )  # fmt: skip
+    return out
+
+
+def _with_max_len(model: LM, max_seq_len: int) -> LM:
+    """The same weights in an ``LM`` whose ``max_seq_len`` allows longer inputs (RoPE has no learned positions)."""
+    longer = nnx.eval_shape(lambda: LM(dataclasses.replace(model.cfg, max_seq_len=max_seq_len), rngs=nnx.Rngs(0)))
+    nnx.update(longer, nnx.state(model))
+    return longer
+
+
+def _task(c, seq_len: int) -> data.PasskeyConfig:
+    return data.PasskeyConfig(seq_len=seq_len, **dict(c.data.task_args))
+
+
+def _evaluate(c, fn, L: int) -> dict[str, float]:
+    return passkey_accuracy(fn, _task(c, L), num_examples=c.eval.num_examples, batch_size=c.eval.batch_size,
+                            seed=c.seed, window=int(c.beacon.window))  # fmt: skip
+
+
+def build_base(c, log: Callable[[str], None] = print) -> tuple[LM, list[dict[str, float]]]:
+    """The base LM of ``config.base``: pretrained here on ``base.seq_len``-token passkey data (``source="train"``)
+    or converted from a local HF Llama checkpoint (``source="hf_dir"``). Returns ``(model, training history)``."""
+    if c.base.source == "train":
+        model_kw = dict(c.model)
+        model_kw["rope"] = rope_ops.RopeConfig(**dict(model_kw.get("rope", {})))
+        base = LM(LMConfig(**model_kw), rngs=nnx.Rngs(c.seed))
+        train_ds, _ = data.synthetic_datasets(_task(c, c.base.seq_len), global_batch_size=c.base.batch_size,
+                                              num_train=c.base.num_train, num_validation=8, seed=c.seed)  # fmt: skip
+        return pretrain_lm(base, train_ds, steps=c.base.steps, tx=_adamw(c.base.lr, c.base.steps, c.base.weight_decay),
+                           log_every=c.log_every, log=log)  # fmt: skip
+    if c.base.source == "hf_dir":
+        from lcjax.convert.llama import llama_from_pretrained_dir
+
+        return llama_from_pretrained_dir(c.base.hf_dir), []
+    raise ValueError(f"config.base.source={c.base.source!r}; allowed: 'train', 'hf_dir'")
+
+
+def evaluate_base(c, base: LM) -> dict[int, dict[str, float]]:
+    """Passkey accuracy of the base alone (full attention) at every ``eval.lengths``, beyond its window too."""
+    lengths = [int(n) for n in c.eval.lengths]
+    long_base = _with_max_len(base, max(lengths + [base.cfg.max_seq_len]))
+    fn = jax.jit(lambda m, x: m(x))
+    return {L: _evaluate(c, lambda x: fn(long_base, x), L) for L in lengths}
+
+
+def beacon_stage(c, base: LM, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Add beacons (``config.beacon``) to ``base``, evaluate them untrained, train them (``config.train``, on
+    ``data.seq_len``-token passkey data) and evaluate again, at every ``eval.lengths`` x ``eval.ratios``."""
+    bcfg = BeaconConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in dict(c.beacon).items()})
+    model = add_beacons(base, bcfg, rngs=nnx.Rngs(c.seed))
+    fn = jax.jit(lambda m, x, n, r: m(x, lengths_B=n, ratios_BN=r))
+    lengths, ratios = [int(n) for n in c.eval.lengths], [int(r) for r in c.eval.ratios]
+
+    def evaluate(m, ratio, L):
+        n_windows = -(-L // bcfg.window)
+        return _evaluate(c, lambda x: fn(m, x, np.full(x.shape[0], L, np.int32),
+                                         np.full((x.shape[0], n_windows), ratio, np.int32)), L)  # fmt: skip
+
+    out: dict[str, Any] = {"beacon_init": {r: {L: evaluate(model, r, L) for L in lengths} for r in ratios}}
+    train_ds, _ = data.synthetic_datasets(_task(c, c.data.seq_len), global_batch_size=c.train.batch_size,
+                                          num_train=c.data.num_train, num_validation=8, seed=c.seed + 1)  # fmt: skip
+    t0 = time.perf_counter()
+    model, out["beacon_history"] = train_beacons(
+        model, train_ds, steps=c.train.steps, tx=_adamw(c.train.lr, c.train.steps, c.train.weight_decay),
+        seed=c.seed, log_every=c.log_every, log=log,
+    )  # fmt: skip
+    out["train_s"] = time.perf_counter() - t0
+    out["beacon"] = {r: {L: evaluate(model, r, L) for L in lengths} for r in ratios}
+    for r in ratios:
+        log(f"beacon r={r}: " + ", ".join(f"L={L}: {v['digit_accuracy']:.3f}" for L, v in out["beacon"][r].items()))
+    return out
+
+
+def run(config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The experiment of ``configs/beacon.py``: ``build_base``, ``evaluate_base``, ``beacon_stage``. JSON-able."""
+    t_start = time.perf_counter()
+    base, history = build_base(config, log)
+    out: dict[str, Any] = {"config": config.to_dict(), "base_history": history, "base": evaluate_base(config, base)}
+    log(f"base (trained window {base.cfg.max_seq_len}): "
+        + ", ".join(f"L={L}: {r['digit_accuracy']:.3f}" for L, r in out["base"].items()))  # fmt: skip
+    out |= beacon_stage(config, base, log)
+    out["wall_s"] = time.perf_counter() - t_start
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lcjax.train.beacon --config configs/beacon.py[:ARG] [--out results.json]``."""
+    import argparse
+    import json
+
+    from lcjax.train.config import load_config_file
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="FILE[:ARG], e.g. configs/beacon.py:smoke")
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    args = p.parse_args(argv)
+    path, _, arg = args.config.partition(":")
+    results = run(load_config_file(path, arg or None))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
