@@ -357,18 +357,23 @@ def generate(
     return _generate(model, prompt_BL, rng, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
 
 
+def sample_logits(
+    logits_BV: Float[Array, "B V"], key: jax.Array, *, temperature: float, top_k: int | None = None
+) -> Int[Array, "B"]:
+    """Next tokens: argmax when ``temperature == 0``, else a draw from ``softmax(logits / T)`` (top-k truncated)."""
+    if temperature == 0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / temperature
+    if top_k is not None:
+        kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+        logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_k"))
 def _generate(model, prompt_BL, rng, *, max_new_tokens, temperature, top_k):
     B, L = prompt_BL.shape
-
-    def pick(logits_BV, key):
-        if temperature == 0:
-            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        logits_BV = logits_BV / temperature
-        if top_k is not None:
-            kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-            logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
-        return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+    pick = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
 
     cache = model.init_cache(B, L + max_new_tokens)
     logits_BLV, cache = model(prompt_BL, cache=cache)
