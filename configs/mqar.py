@@ -1,0 +1,76 @@
+"""MQAR: multi-query associative recall (Zoology, Arora et al. 2023, https://arxiv.org/abs/2312.04927).
+
+Run (from the repository root)::
+
+    python -m lcjax.train --config configs/mqar.py --workdir runs/mqar
+    lcjax train --config configs/mqar.py:seq=128,pairs=8,d=128,steps=4000 --workdir runs/mqar_L128
+    lcjax train --config configs/mqar.py:smoke --workdir /tmp/mqar_smoke          # seconds; for tests
+    lcjax eval --workdir runs/mqar
+
+Variant keys (``configs/mqar.py:key=value,...``): ``seq`` (sequence length T), ``pairs`` (key-value pairs K),
+``vocab`` (V; keys from [1, V/2), values from [V/2, V)), ``random_filler`` (the harder Based / Mamba-2 variant),
+``model`` (block type of every layer: one of ``MODELS``), ``d`` (d_model), ``layers``, ``heads``, ``batch``,
+``steps``, ``lr``, ``mesh`` (a ``ShardingRules`` preset: dp, fsdp, fsdp_tp, ...) and ``smoke`` (a tiny model for a
+few steps). Anything else: ``--config.<key>=<value>`` overrides, e.g. ``--config.optim.warmup_steps=50``.
+
+Task setting of the defaults (see ``configs/default.py``): T=64, K=4 (Zoology's smallest cell) with V=256 instead of
+8192 and zero filler; loss and accuracy at the K query positions only, accuracy = the fraction of answers right.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from lcjax.train.config import parse_arg
+
+# Block type -> LMConfig fields for it. Later block types (mamba2, m2, beacon) add an entry here.
+MODELS = {
+    "attention": lambda d, heads: dict(
+        block_pattern=("attention",), n_heads=heads, mlp_dim=2 * d, attn_impl="reference"
+    ),
+}
+
+
+DEFAULT = dict(seq=64, pairs=4, vocab=256, d=64, layers=2, heads=2, batch=64, steps=2000, lr=3e-3)
+SMOKE = dict(seq=16, pairs=2, vocab=32, d=16, layers=1, heads=2, batch=8, steps=8, lr=3e-3)
+
+
+def get_config(arg=None):
+    """Variant keys left at 0 take their value from ``DEFAULT`` (or ``SMOKE`` with ``smoke``)."""
+    a = parse_arg(arg, **{k: type(v)(0) for k, v in DEFAULT.items()}, random_filler=False, model="attention",
+                  mesh="dp", smoke=False)  # fmt: skip
+    if a.model not in MODELS:
+        raise ValueError(f"configs/mqar.py: model={a.model!r}; allowed: {sorted(MODELS)}")
+    for key, default in (SMOKE if a.smoke else DEFAULT).items():
+        if not a[key]:
+            a[key] = default
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=a.vocab, d_model=a.d, n_layers=a.layers, max_seq_len=a.seq, n_kv_heads=placeholder(int),
+        dtype="float32", param_dtype="float32", scan_layers=False, remat=False, **MODELS[a.model](a.d, a.heads),
+    ))  # fmt: skip
+    c.data = ml_collections.ConfigDict(dict(
+        kind="synthetic", task="mqar",
+        task_args=dict(seq_len=a.seq, num_kv_pairs=a.pairs, vocab_size=a.vocab, random_non_queries=a.random_filler),
+        num_train=100_000 if not a.smoke else 256, num_validation=1_000 if not a.smoke else 32, seed=0,
+        data_dir=placeholder(str), worker_count=0,
+    ))  # fmt: skip
+    c.batch_size = a.batch
+    c.eval_batch_size = 200 if not a.smoke else 16
+    c.num_steps = a.steps
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=a.lr, warmup_steps=min(100, a.steps // 10), final_lr_fraction=0.1, weight_decay=0.1,
+        b1=0.9, b2=0.98, eps=1e-8, grad_clip=1.0, grad_accum_steps=1,
+    ))  # fmt: skip
+    c.z_loss = 0.0
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1, num_devices=0))
+    c.sharding = a.mesh
+    c.log_every = 50 if not a.smoke else 1
+    c.eval_every = 500 if not a.smoke else 4
+    c.checkpoint_every = 500 if not a.smoke else 4
+    c.keep_checkpoints = 3
+    c.eval_batches = 0
+    c.progress_bar = True
+    c.inject_nan_at_step = 0
+    return c
