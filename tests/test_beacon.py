@@ -98,7 +98,8 @@ def test_presets_and_sizes():
         "step_expansion", ("q", "k", "v", "o"), "interleave", ("q", "k", "v"))
     assert BeaconConfig.llama3().sink_size == 1
     cfg = BeaconConfig(window=1024, ratio=8, train_ratios=(2, 4, 8, 16, 32))
-    assert (cfg.max_beacons, cfg.max_memory_growth, cfg.chunk_slots(1024), cfg.chunk_slots(1)) == (512, 512, 1536, 2)
+    assert (cfg.max_beacons(), cfg.memory_growth(), cfg.chunk_slots(1024), cfg.chunk_slots(1)) == (512, 512, 1536, 2)
+    assert (cfg.max_beacons((8,)), cfg.memory_growth((0, 8)), cfg.chunk_slots(1024, (8,))) == (128, 1024, 1152)
     # upstream adapt-1024 for Llama-2 (4096 positions): (4096 - 1024) * 128 + 1024 = 394,240 tokens at ratio 128
     adapt = BeaconConfig.v1(window=1024, ratio_mix="adapt-1024")
     assert adapt.adapt_ratio(394_240 - 1024, 4096) == 128 and adapt.adapt_ratio(394_240, 4096) == 128
@@ -170,7 +171,8 @@ def test_streaming_equals_one_shot_and_memory_formula(base, scheme, sink):
 
     state = m.init_state(B, L, ratios_BN=ratios)
     R, M = state.layers[0].raw_k.shape[1], state.layers[0].mem_k.shape[1]
-    assert (R, M) == (W + W // 2, (L // W) * (W // 2))
+    r_min = int(ratios.min())
+    assert state.ratio_set == tuple(np.unique(ratios)) and (R, M) == (W + W // r_min, (L // W) * (W // r_min))
     rng = np.random.default_rng(3)
     pos, outs, T = np.zeros(B, int), np.zeros((B, L, V), np.float32), W + 3
     while (pos < L).any():
@@ -216,7 +218,9 @@ def test_batched_padded_equals_per_example(base):
 
 
 def test_capacity_and_input_checks(base):
-    m = make(base)
+    m = make(base, ratio=4, train_ratios=(2, 4))
+    state = m.init_state(1, 4 * W + 3)  # sized for the inference ratio only: 4 windows x W/4 beacons, W + W/4 raw
+    assert (state.layers[0].mem_k.shape[1], state.layers[0].raw_k.shape[1]) == (4 * W // 4, W + W // 4)
     state = m.init_state(1, 4)
     with pytest.raises(ValueError, match="capacity"):
         m(toks((1, 5)), state=state)

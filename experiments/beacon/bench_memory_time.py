@@ -72,7 +72,7 @@ def make_stream(model, init, window):
         return logits[:, -1], state
 
     def stream(tokens_BL):
-        state = init()
+        state = jax.tree.map(jnp.copy, init())  # distinct buffers (KVCache.init shares one zeros array for k and v)
         for lo in range(0, tokens_BL.shape[1], window):
             last, state = chunk(params, state, tokens_BL[:, lo : lo + window])
         return jax.block_until_ready(last)

@@ -1,17 +1,19 @@
 """Experiment: passkey retrieval beyond a small base model's trained window, with and without Activation Beacon.
 
-Question: a tiny Llama-style LM trained with full attention on 64-token passkey sequences fails when the context
-grows; after adding beacons and training only the beacon parameters on 128-token sequences, how well does it
-retrieve the passkey at 64..512 tokens, with each compression ratio?
+Question: a tiny Llama-style LM (2 layers, D=64) trained with full attention on 64-token passkey sequences fails
+when the context grows; after adding beacons (window 32) and training only the beacon parameters on 128-token
+sequences, how well does it retrieve the passkey at 64..1024 tokens, at each compression ratio?
 
 Run (writes experiments/beacon/passkey.{json,png}; the setup is ``configs/beacon.py``):
-    .venv/bin/python experiments/beacon/passkey.py                 # CPU, tens of minutes on a shared machine
+    .venv/bin/python experiments/beacon/passkey.py                 # CPU, about half an hour on a shared machine
     .venv/bin/python experiments/beacon/passkey.py --quick         # smoke run (configs/beacon.py:smoke)
 
-The base is pretrained once; then each variant (v2 interleave with beacon q/k/v, v1 step-expansion with beacon
-q/k/v/o) gets fresh beacons on that same base, is evaluated untrained, trained, and evaluated again.
-Accuracy is teacher-forced: the fraction of the 4 passkey digits predicted exactly (chance 0.1), and of examples
-with all digits right (chance 1e-4), on 128 test examples per length with the needle at a uniform depth.
+Two tasks: a 1-digit passkey (a single-token retrieval) and the usual 4-digit one. For each, the base is pretrained
+once; then each variant (v2 interleave with beacon q/k/v, v1 step-expansion with beacon q/k/v/o) gets fresh
+beacons on that same base, is evaluated untrained, trained, and evaluated again. Accuracy is teacher-forced: the
+fraction of passkey digits predicted exactly (chance 0.1), also split by whether the needle lies in an earlier
+beacon window than the query ("far": only in compressed memory) and by digit position; 128 test examples per
+length, needle at a uniform depth.
 """
 
 import argparse
@@ -42,54 +44,65 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=0, help="beacon training steps (default: the config's)")
     p.add_argument("--base-steps", type=int, default=0)
+    p.add_argument("--digits", default="1,4")
     args = p.parse_args()
-    arg = ",".join(["smoke"] * args.quick + [f"steps={args.steps}"] * bool(args.steps)
-                   + [f"base_steps={args.base_steps}"] * bool(args.base_steps))  # fmt: skip
-    config = load_config_file(ROOT / "configs" / "beacon.py", arg or None)
     load_start, t_start = os.getloadavg(), time.perf_counter()
-
-    base, history = beacon_train.build_base(config)
-    out = {"config": config.to_dict(), "base_history": history, "base": beacon_train.evaluate_base(config, base)}
-    print("base", json.dumps(out["base"]), flush=True)
-    out["variants"] = {}
-    for name, overrides in VARIANTS.items():
-        c = config.copy_and_resolve_references()
-        c.beacon.update(overrides)
-        print(f"== {name}", flush=True)
-        out["variants"][name] = beacon_train.beacon_stage(c, base) | {"beacon_config": c.beacon.to_dict()}
+    out = {"tasks": {}}
+    for digits in [int(d) for d in args.digits.split(",")]:
+        arg = ",".join(["smoke"] * args.quick + [f"steps={args.steps}"] * bool(args.steps)
+                       + [f"base_steps={args.base_steps}"] * bool(args.base_steps) + [f"digits={digits}"])  # fmt: skip
+        config = load_config_file(ROOT / "configs" / "beacon.py", arg)
+        base, history = beacon_train.build_base(config)
+        task = {"config": config.to_dict(), "base_history": history, "base": beacon_train.evaluate_base(config, base)}
+        print(f"== {digits} digits: base", json.dumps({L: r["digit_accuracy"] for L, r in task["base"].items()}))
+        task["variants"] = {}
+        for name, overrides in VARIANTS.items():
+            c = config.copy_and_resolve_references()
+            c.beacon.update(overrides)
+            print(f"== {digits} digits: {name}", flush=True)
+            task["variants"][name] = beacon_train.beacon_stage(c, base) | {"beacon_config": c.beacon.to_dict()}
+        out["tasks"][digits] = task
     out |= dict(wall_s=time.perf_counter() - t_start, load_average_start=load_start, load_average_end=os.getloadavg(),
                 versions=dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__))
     suffix = "_quick" if args.quick else ""
     (OUT_DIR / f"passkey{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
+    plot(out, OUT_DIR / f"passkey{suffix}.png")
 
+
+def plot(out, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = [int(n) for n in config.eval.lengths]
-    fig, axes = plt.subplots(1, len(VARIANTS), figsize=(6 * len(VARIANTS), 4.2), sharey=True)
-    for ax, (name, res) in zip(axes, out["variants"].items()):
-        ax.plot(lengths, [out["base"][L]["digit_accuracy"] for L in lengths], "k-o", label="base, full attention")
-        for i, r in enumerate(config.eval.ratios):
-            color = f"C{i}"
-            ax.plot(lengths, [res["beacon"][r][L]["digit_accuracy"] for L in lengths], "-o", color=color,
-                    label=f"beacons trained, r={r}")  # fmt: skip
-            ax.plot(lengths, [res["beacon_init"][r][L]["digit_accuracy"] for L in lengths], ":", color=color,
-                    label=f"beacons untrained, r={r}")  # fmt: skip
-        ax.axvline(config.model.max_seq_len, color="gray", lw=0.8, ls="--")
-        ax.axhline(0.1, color="gray", lw=0.8, ls=":")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(L) for L in lengths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_title(name, fontsize=10)
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("passkey digit accuracy (teacher forced)")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Passkey retrieval: base trained on {config.model.max_seq_len} tokens (dashed line), beacon window "
-                 f"{config.beacon.window}, beacons trained {config.train.steps} steps on {config.data.seq_len} tokens")
+    tasks = out["tasks"]
+    fig, axes = plt.subplots(len(tasks), len(VARIANTS), figsize=(6 * len(VARIANTS), 4 * len(tasks)), sharey=True,
+                             squeeze=False)  # fmt: skip
+    for row, (digits, task) in zip(axes, tasks.items()):
+        c = task["config"]
+        lengths = [int(n) for n in c["eval"]["lengths"]]
+        for ax, (name, res) in zip(row, task["variants"].items()):
+            ax.plot(lengths, [task["base"][L]["digit_accuracy"] for L in lengths], "k-o", label="base, full attention")
+            for i, r in enumerate(c["eval"]["ratios"]):
+                ax.plot(lengths, [res["beacon"][r][L]["digit_accuracy"] for L in lengths], "-o", color=f"C{i}",
+                        label=f"beacons trained, r={r}")  # fmt: skip
+                ax.plot(lengths, [res["beacon_init"][r][L]["digit_accuracy"] for L in lengths], ":", color=f"C{i}",
+                        label=f"beacons untrained, r={r}")  # fmt: skip
+            ax.axvline(c["model"]["max_seq_len"], color="gray", lw=0.8, ls="--")
+            ax.axhline(0.1, color="gray", lw=0.8, ls=":")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(lengths, [str(L) for L in lengths])
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_title(f"{digits}-digit passkey: {name}", fontsize=10)
+            ax.grid(True, alpha=0.3)
+        row[0].set_ylabel("digit accuracy (teacher forced)")
+    axes[0][0].legend(fontsize=7)
+    c = next(iter(tasks.values()))["config"]
+    fig.suptitle(f"Passkey retrieval: base trained on {c['model']['max_seq_len']} tokens (dashed line); beacon window "
+                 f"{c['beacon']['window']}, beacons trained {c['train']['steps']} steps on {c['data']['seq_len']} tokens")
     fig.tight_layout()
-    fig.savefig(OUT_DIR / f"passkey{suffix}.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

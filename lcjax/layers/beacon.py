@@ -138,25 +138,25 @@ class BeaconConfig:
         """Every ratio the model may see (inference ratio and training mix), sorted."""
         return tuple(sorted(set(self.train_ratios) | {self.ratio}))
 
-    @property
-    def max_beacons(self) -> int:
-        """Most beacons one window can hold (``window / smallest nonzero ratio``; 0 if only ratio 0)."""
-        return max((self.window // r for r in self.ratios if r > 0), default=0)
+    def max_beacons(self, ratios: tuple[int, ...] | None = None) -> int:
+        """Most beacons one window can hold with these ratios (default ``self.ratios``): ``window / smallest
+        nonzero ratio``, 0 if only ratio 0."""
+        return max((self.window // r for r in (self.ratios if ratios is None else ratios) if r > 0), default=0)
 
-    @property
-    def max_memory_growth(self) -> int:
-        """Most memory entries one completed window adds (``window`` if ratio 0 is allowed)."""
-        return self.window if 0 in self.ratios else self.max_beacons
+    def memory_growth(self, ratios: tuple[int, ...] | None = None) -> int:
+        """Most memory entries one completed window adds (``window`` if ratio 0 is among ``ratios``)."""
+        return self.window if 0 in (self.ratios if ratios is None else ratios) else self.max_beacons(ratios)
 
-    def chunk_slots(self, n_raw: int) -> int:
+    def chunk_slots(self, n_raw: int, ratios: tuple[int, ...] | None = None) -> int:
         """Static slot count of a chunk of ``n_raw <= window`` raw tokens (raw + as many beacons as can occur)."""
+        ratios = self.ratios if ratios is None else ratios
         if self.scheme == "step_expansion":
-            return n_raw + self.max_beacons
-        return n_raw + max(((r - 1 + n_raw) // r for r in self.ratios if r > 0), default=0)
+            return n_raw + self.max_beacons(ratios)
+        return n_raw + max(((r - 1 + n_raw) // r for r in ratios if r > 0), default=0)
 
     def check_model(self, max_positions: int) -> None:
         """A window's chunk (sink, raw tokens and beacons) must fit the base model's positions."""
-        need = self.sink_size + self.window + self.max_beacons
+        need = self.sink_size + self.window + self.max_beacons()
         if need >= max_positions:
             raise ValueError(
                 f"BeaconConfig.window={self.window}: sink_size + window + window/ratio = {need} position slots must be "
@@ -234,13 +234,15 @@ class ChunkLayout(NamedTuple):
 
 
 def chunk_layout(
-    cfg: BeaconConfig, n_tokens: int, n_B: Int[Array, " B"], filled_B: Int[Array, " B"], ratio_B: Int[Array, " B"]
+    cfg: BeaconConfig, n_tokens: int, n_B: Int[Array, " B"], filled_B: Int[Array, " B"], ratio_B: Int[Array, " B"],
+    ratios: tuple[int, ...] | None = None,
 ) -> ChunkLayout:
     """Interleave (v2): with ``a = filled mod r`` raw tokens of the current group already seen, slot ``u`` is a
     beacon iff ``(u + a) mod (r + 1) == r`` (upstream's ``i mod (r+1) == r - rem``). Step-expansion (v1): ``T`` raw
-    slots, then ``W / r_min`` beacon slots that are real only in the chunk that completes the window."""
+    slots, then ``W / r_min`` beacon slots that are real only in the chunk that completes the window. ``ratios``:
+    the ratios ``ratio_B`` can take (static; default ``cfg.ratios``), which fix the slot count."""
     T, W = n_tokens, cfg.window
-    U = cfg.chunk_slots(T)
+    U = cfg.chunk_slots(T, ratios)
     u_1U = jnp.arange(U, dtype=jnp.int32)[None, :]
     t_1T = jnp.arange(T, dtype=jnp.int32)[None, :]
     n, filled, r = n_B[:, None], filled_B[:, None], ratio_B[:, None]

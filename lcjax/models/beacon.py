@@ -21,6 +21,7 @@ P head dim.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -49,11 +50,18 @@ class BeaconLayerState(NamedTuple):
     raw_v: jax.Array
 
 
-class BeaconState(NamedTuple):
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["layers", "raw_is_beacon", "n_mem", "n_raw", "filled", "window", "length", "ratios", "capacity"],
+    meta_fields=["ratio_set"],
+)
+@dataclasses.dataclass(frozen=True)
+class BeaconState:
     """Streaming state. Per example [B]: ``n_mem`` memory entries, ``n_raw`` raw-cache entries (raw tokens and, for
     interleave, beacons of the current window), ``filled`` raw tokens of the current window, ``window`` completed
     windows, ``length`` tokens consumed. ``raw_is_beacon`` [B, R] marks beacon entries of the raw cache, ``ratios``
-    [B, N] is each window's ratio, ``capacity`` the most tokens the buffers hold."""
+    [B, N] is each window's ratio, ``capacity`` the most tokens the buffers hold. ``ratio_set`` (static): the
+    ratios the buffers are sized for."""
 
     layers: tuple[BeaconLayerState, ...]
     raw_is_beacon: jax.Array
@@ -64,6 +72,7 @@ class BeaconState(NamedTuple):
     length: jax.Array
     ratios: jax.Array
     capacity: jax.Array
+    ratio_set: tuple[int, ...]
 
     def memory_entries(self, sink_size: int) -> jax.Array:
         """Cached K/V entries per layer and example [B]: sink (once the first window completed) + memory + raw."""
@@ -130,7 +139,9 @@ class BeaconLM(nnx.Module):
         """An empty state for ``batch`` sequences of up to ``max_len`` tokens.
 
         ``ratios_BN`` [batch, ceil(max_len / W)] gives each window's ratio (default: ``cfg.ratio`` everywhere); every
-        value must be one of ``cfg.ratios`` (the buffers are sized for them).
+        value must be one of ``cfg.ratios``. The buffers are sized for the ratios the schedule holds when it is
+        concrete (so inference at ratio r keeps ``W/r`` entries per window whatever the training mix), for every
+        ratio of ``cfg.ratios`` when it is traced (training).
         """
         cfg, lm_cfg = self.cfg, self.base.cfg
         if batch < 1 or max_len < 1:
@@ -147,9 +158,10 @@ class BeaconLM(nnx.Module):
         if values is not None and not np.isin(values, cfg.ratios).all():
             raise ValueError(f"ratios_BN: values {sorted(set(values.ravel()) - set(cfg.ratios))} are not in "
                              f"BeaconConfig ratios {cfg.ratios}")  # fmt: skip
+        ratio_set = cfg.ratios if values is None else tuple(sorted({int(r) for r in values.ravel()}))
         dtype = jnp.dtype(lm_cfg.dtype) if dtype is None else dtype
-        M = (max_len // W) * cfg.max_memory_growth
-        R = W + cfg.max_beacons
+        M = (max_len // W) * cfg.memory_growth(ratio_set)
+        R = W + cfg.max_beacons(ratio_set)
         kv = lambda n: sharding.shard(jnp.zeros((batch, n, lm_cfg.n_kv_heads, lm_cfg.head_dim), dtype), "act_batch",
                                       None, "act_kv_heads", None)  # fmt: skip
         layer = lambda: BeaconLayerState(*(kv(n) for n in (cfg.sink_size,) * 2 + (M,) * 2 + (R,) * 2))
@@ -158,7 +170,7 @@ class BeaconLM(nnx.Module):
             layers=tuple(layer() for _ in range(lm_cfg.n_layers)),
             raw_is_beacon=sharding.shard(jnp.zeros((batch, R), bool), "act_batch", None), n_mem=z(), n_raw=z(),
             filled=z(), window=z(), length=z(), ratios=sharding.shard(ratios_BN.astype(jnp.int32), "act_batch", None),
-            capacity=jnp.asarray(max_len, jnp.int32),
+            capacity=jnp.asarray(max_len, jnp.int32), ratio_set=ratio_set,
         )  # fmt: skip
 
     # ---- forward --------------------------------------------------------------------------------------------
@@ -187,7 +199,7 @@ class BeaconLM(nnx.Module):
         if lengths is not None and ((lengths < 0) | (lengths > L)).any():
             raise ValueError(f"lengths_B={lengths.tolist()} must lie in [0, {L}]")
         if state is None:
-            logits_BLV, _ = self._feed(self.init_state(B, L, ratios_BN=ratios_BN), tokens_BL, lengths_B)
+            logits_BLV, _ = self._feed(self.init_state(B, L, ratios_BN=ratios_BN), tokens_BL, lengths_B, fresh=True)
             return logits_BLV
         if ratios_BN is not None:
             raise ValueError("ratios_BN: when streaming, give the ratio schedule to init_state")
@@ -199,12 +211,17 @@ class BeaconLM(nnx.Module):
                              "(init_state max_len)")  # fmt: skip
         return self._feed(state, tokens_BL, lengths_B)
 
-    def _feed(self, state: BeaconState, tokens_BT, lengths_B):
-        """Sub-steps that each extend every row's current window without crossing its end (a ``lax.scan``)."""
+    def _feed(self, state: BeaconState, tokens_BT, lengths_B, *, fresh: bool = False):
+        """Sub-steps that each extend every row's current window without crossing its end (a ``lax.scan``).
+
+        From an empty state (``fresh``, the one-shot forward) windows line up with the input: ``ceil(T / W)``
+        sub-steps. Otherwise ``1 + ceil((T - 1) / W)`` cover any fill of the current window, and a sub-step in which
+        no row has tokens left is skipped (``lax.cond``).
+        """
         W = self.cfg.window
         B, T = tokens_BT.shape
         T_sub = min(T, W)
-        n_sub = 1 + -(-(T - 1) // W)
+        n_sub = -(-T // W) if fresh else 1 + -(-(T - 1) // W)
         tokens_BT = sharding.shard(tokens_BT.astype(jnp.int32), "act_batch", None)
         lengths_B = sharding.shard(lengths_B.astype(jnp.int32), "act_batch")
 
@@ -212,7 +229,14 @@ class BeaconLM(nnx.Module):
             state, c_B = carry
             take_B = jnp.clip(jnp.minimum(lengths_B - c_B, W - state.filled), 0, T_sub)
             idx_BT = jnp.clip(c_B[:, None] + jnp.arange(T_sub, dtype=jnp.int32)[None, :], 0, T - 1)
-            logits_BtV, state = self._step(state, jnp.take_along_axis(tokens_BT, idx_BT, axis=1), take_B)
+            run = lambda state: self._step(state, jnp.take_along_axis(tokens_BT, idx_BT, axis=1), take_B)
+            if fresh or n_sub == 1:
+                logits_BtV, state = run(state)
+            else:
+                V = self.base.cfg.vocab_size
+                skip = lambda state: (sharding.shard(jnp.zeros((B, T_sub, V), jnp.float32), "act_batch", None,
+                                                     "act_vocab"), state)  # fmt: skip
+                logits_BtV, state = jax.lax.cond(jnp.any(take_B > 0), run, skip, state)
             return (state, c_B + take_B), (logits_BtV, c_B, take_B)
 
         if self.base.cfg.remat:
@@ -240,7 +264,7 @@ class BeaconLM(nnx.Module):
         B, T = tokens_BT.shape
         n_windows = state.ratios.shape[1]
         ratio_B = jnp.take_along_axis(state.ratios, jnp.clip(state.window, 0, n_windows - 1)[:, None], axis=1)[:, 0]
-        lay = chunk_layout(cfg, T, n_B, state.filled, ratio_B)
+        lay = chunk_layout(cfg, T, n_B, state.filled, ratio_B, state.ratio_set)
         dt = jnp.dtype(lm.cfg.dtype)
 
         tok_BU = jnp.take_along_axis(tokens_BT, lay.token_index, axis=1)
@@ -341,8 +365,8 @@ class BeaconLM(nnx.Module):
                 raw_k=raw_k, raw_v=raw_v,
             ))  # fmt: skip
         done_B = lay.completes
-        return state._replace(
-            layers=tuple(layers), raw_is_beacon=raw_is_beacon,
+        return dataclasses.replace(
+            state, layers=tuple(layers), raw_is_beacon=raw_is_beacon,
             n_mem=state.n_mem + jnp.where(done_B, jnp.sum(kept, axis=1, dtype=jnp.int32), 0),
             n_raw=jnp.where(done_B, 0, n_raw), filled=jnp.where(done_B, 0, state.filled + n_B),
             window=state.window + done_B.astype(jnp.int32), length=state.length + n_B,

@@ -14,6 +14,10 @@ can touch a base weight. A trainer that uses ``nnx.Optimizer`` should pass ``wrt
 Unlike upstream there is no separate "training mode": the loss is computed on exactly the computation used at
 inference (beacons also in the last window, no masking of the first window's labels), and ratios come from an
 explicit PRNG key instead of a global ``np.random`` state.
+
+The second half runs the CPU passkey experiment of ``configs/beacon.py`` (``build_base`` -> ``evaluate_base`` ->
+``beacon_stage``; ``python -m lcjax.train.beacon --config configs/beacon.py``), with a minimal full-parameter loop
+(``pretrain_lm``) for the base model.
 Dimension key (lcjax/typing.py): B batch, L length, N windows.
 """
 
@@ -209,8 +213,9 @@ def passkey_accuracy(
     logits_fn: Callable[[np.ndarray], jax.Array], task: data.PasskeyConfig, *, num_examples: int, batch_size: int,
     seed: int = 0, window: int | None = None,
 ) -> dict[str, float]:
-    """Teacher-forced passkey accuracy on the test split: ``digit_accuracy`` (answer digits predicted exactly) and
-    ``example_accuracy`` (all digits of an example right; chance 10^-num_digits).
+    """Teacher-forced passkey accuracy on the test split: ``digit_accuracy`` (answer digits predicted exactly),
+    ``example_accuracy`` (all digits of an example right; chance 10^-num_digits) and ``digit_accuracy_by_position``
+    (per answer digit, in order).
 
     With ``window`` (a beacon window W), also ``digit_accuracy_far`` / ``digit_accuracy_near`` and ``far_fraction``:
     the same split by whether the needle's marker lies in an earlier window than the final query (so a beacon model
@@ -218,6 +223,7 @@ def passkey_accuracy(
     """
     examples = [data.generate(task, i, seed=seed, split="test") for i in range(num_examples)]
     counts = dict(digits=0, right=0, examples_right=0, far_digits=0, far_right=0, far_examples=0)
+    by_position = np.zeros(task.num_digits)
     for lo in range(0, num_examples, batch_size):
         chunk = examples[lo : lo + batch_size]
         inputs = np.stack([e["inputs"] for e in chunk])
@@ -227,13 +233,15 @@ def passkey_accuracy(
         counts["digits"] += int(mask.sum())
         counts["right"] += int(right.sum())
         counts["examples_right"] += int((right.sum(1) == mask.sum(1)).sum())
+        by_position += right[:, -task.num_digits :].sum(0)  # the answers are the last num_digits positions
         if window is not None:
             needle = np.argmax(inputs == data.synthetic.PASSKEY_MARKER, axis=1)  # the first marker: the needle
             far = needle // window < (inputs.shape[1] - 1) // window
             counts["far_examples"] += int(far.sum())
             counts["far_digits"] += int(mask[far].sum())
             counts["far_right"] += int(right[far].sum())
-    out = {"digit_accuracy": counts["right"] / counts["digits"], "example_accuracy": counts["examples_right"] / num_examples}
+    out = {"digit_accuracy": counts["right"] / counts["digits"], "example_accuracy": counts["examples_right"] / num_examples,
+           "digit_accuracy_by_position": (by_position / num_examples).tolist()}  # fmt: skip
     if window is not None:
         near_digits = counts["digits"] - counts["far_digits"]
         out |= dict(
