@@ -165,6 +165,7 @@ def sharded_config(preset):
     return c
 
 
+@pytest.mark.slow  # an 8-device SPMD compile per preset
 @pytest.mark.parametrize("preset", sorted(MESHES))
 def test_sharded_training_matches_one_device(preset, base_run, tmp_path):
     """The same loss curve and held-out eval on 8 devices as on one (F32_SHARDED: collectives reorder sums)."""

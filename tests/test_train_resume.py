@@ -19,6 +19,8 @@ import pytest
 from lcjax.train import metrics
 from tolerances import EXACT
 
+pytestmark = pytest.mark.slow  # four training subprocesses (~45 s CPU); runs in CI's first pass, not the tree-mode one
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24  # checkpoint every 4 steps, metrics every step
 ARGS = [

@@ -80,9 +80,15 @@ class ProgressBar:
     def __init__(self, *, total: int, initial: int, enabled: bool):
         self._bar = None
         if enabled and jax.process_index() == 0:
+            import sys
+
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            # In a terminal, redraw a few times a second; in a log file, write a line every 10 s at most.
+            interval = 0.5 if sys.stderr.isatty() else 10.0
+            self._bar = tqdm(
+                total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=interval
+            )
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:
