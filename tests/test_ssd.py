@@ -180,6 +180,39 @@ def test_gradients_chunked_equal_naive(rng):
         np.testing.assert_allclose(a, b, **F32_OP)
 
 
+def test_blocked_chunks_equal_naive(rng):
+    """chunk_size a multiple of ``BLOCK``: dual-form blocks of 64 with states between them, clipping still after
+    every chunk_size tokens; packing, initial state, skip, extra decay and gradients, L not a multiple of either."""
+    L = 150
+    x, dt, A, B, C = make_inputs(rng, Bsz=1, L=L, H=2, P=3, G=1, N=4)
+    kw = dict(chunk_size=2 * ssd_ops.BLOCK, D_H=jnp.asarray(rng.normal(size=2), jnp.float32),
+              initial_state_BHPN=jnp.asarray(rng.normal(size=(1, 2, 3, 4)), jnp.float32),
+              seq_idx_BL=jnp.asarray([[0] * 40 + [1] * 110], jnp.int32),
+              decay_scale_H=jnp.asarray([0.99, 1.0], jnp.float32),
+              max_state_norm_H=jnp.asarray([2.0, 3.0], jnp.float32))  # fmt: skip
+
+    def loss(impl, *args):
+        y, f = ssd_ops.ssd(*args, impl=impl, **kw)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(f**2), (y, f)
+
+    grad = lambda impl: jax.jit(jax.grad(lambda *a: loss(impl, *a), argnums=(0, 1, 2, 3, 4), has_aux=True))
+    (g_n, (y_n, f_n)), (g_c, (y_c, f_c)) = grad("naive")(x, dt, A, B, C), grad("chunked")(x, dt, A, B, C)
+    np.testing.assert_allclose(y_c, y_n, **F32_OP)
+    np.testing.assert_allclose(f_c, f_n, **F32_OP)
+    for a, b in zip(g_c, g_n):
+        np.testing.assert_allclose(a, b, **F32_OP)
+
+
+@pytest.mark.parametrize("Q", [5, ssd_ops.SEGSUM_MATMUL_MAX, 80])  # the matmul form up to 64, cumsum beyond
+def test_stable_segsum_matches_direct_sums(rng, Q):
+    a = -rng.exponential(size=(3, Q))
+    out = np.asarray(jax.jit(ssd_ops._stable_segsum)(jnp.asarray(a, jnp.float32)))
+    q, s = np.tril_indices(Q)
+    ref = np.asarray([[a[b, j + 1 : i + 1].sum() for i, j in zip(q, s)] for b in range(3)])
+    np.testing.assert_allclose(out[:, q, s], ref, **F32_OP)
+    np.testing.assert_array_equal(out[:, s[s != q], q[s != q]], 0.0)  # above the diagonal
+
+
 @pytest.mark.slow
 def test_bf16_long_sequence_is_finite_and_close_to_f32():
     """L = 65,536 in bf16 (f32 accumulation): finite, and within bf16 error of the f32 result."""
@@ -259,6 +292,36 @@ def test_causal_conv_packed_equals_separate(rng):
     yc, hc = conv(x[:, 7:], w)
     np.testing.assert_allclose(y, jnp.concatenate([ya, yb, yc], axis=1), **F32_OP)
     np.testing.assert_array_equal(hist, hc)  # only the last document's tokens survive
+
+
+def test_causal_conv_gradients_match_autodiff_of_a_dense_definition(rng):
+    """The hand-written backward (input, weight, bias, history; packed documents; both outputs' cotangents)."""
+    x, hist0 = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((2, 9, 3, 2), (2, 3, 3, 2)))
+    w, bias = jnp.asarray(rng.normal(size=(4, 3, 2)), jnp.float32), jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+    seq = jnp.asarray([[0, 0, 0, 0, 1, 1, 1, 2, 2], [5] * 9], jnp.int32)
+    gy, gh = jnp.asarray(rng.normal(size=(2, 9, 3, 2)), jnp.float32), jnp.asarray(rng.normal(size=(2, 3, 3, 2)))
+
+    doc = np.concatenate([np.zeros((2, 3), int), [[0, 0, 0, 0, 1, 1, 1, 2, 2], [0] * 9]], axis=1)  # history: doc 0
+
+    def dense(x, w, bias, hist0):  # y_t = Σ_k [doc(t) == doc(t - 3 + k)] u_{t+k} w_k + b over u = [history, x]
+        u = jnp.concatenate([hist0, x], axis=1)
+        t, src = np.arange(9)[:, None], np.arange(12)[None, :]
+        y = bias[None, None]
+        for k in range(4):
+            T_BLS = (src == t + k)[None] & (doc[:, 3:, None] == doc[:, None, :])
+            y = y + jnp.einsum("BLS,BSHP,HP->BLHP", T_BLS.astype(np.float32), u, w[k])
+        last = doc[:, 9:] == doc[:, -1:]
+        return y, jnp.where(last[:, :, None, None], u[:, 9:], 0.0)
+
+    def loss(fn, *args):
+        y, h = fn(*args)
+        return jnp.sum(jnp.sin(y) * gy) + jnp.sum(h * gh)
+
+    ours = lambda x, w, b, h: conv_ops.causal_conv1d(x, w, b, history_BWE=h, seq_idx_BL=seq)
+    g = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2, 3)))(x, w, bias, hist0)
+    g_ref = jax.jit(jax.grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2, 3)))(x, w, bias, hist0)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, **F32_OP)
 
 
 # ---- validation ---------------------------------------------------------------------------------------------------

@@ -279,11 +279,22 @@ class Mamba2(nnx.Module):
         act = lambda *names: ("act_batch", None, *names)  # sequence gathered inside the mixer
         read = lambda var: sharding.read(var, dt)
         heads, groups = act("act_heads", None), act(None, None)
-        z_BLHP = sharding.einsum("BLD,DHP->BLHP", x_BLD, read(self.in_proj["z"]), out=heads)
-        x_BLHP = sharding.einsum("BLD,DHP->BLHP", x_BLD, read(self.in_proj["x"]), out=heads)
-        B_BLGN = sharding.einsum("BLD,DGN->BLGN", x_BLD, read(self.in_proj["B"]), out=groups)
-        C_BLGN = sharding.einsum("BLD,DGN->BLGN", x_BLD, read(self.in_proj["C"]), out=groups)
-        dt_BLH = sharding.einsum("BLD,DH->BLH", x_BLD, read(self.in_proj["dt"]), out=act("act_heads"))
+        if sharding.axis_size("act_heads") == 1:
+            # Heads not split over devices: one matmul against the pieces side by side (HF's single in_proj),
+            # which XLA runs ~10% faster than five thin ones; under tensor parallelism the pieces stay apart.
+            Bsz, L, D = x_BLD.shape
+            H, P, G, N = cfg.num_heads, cfg.head_dim, cfg.n_groups, cfg.d_state
+            W_DF = jnp.concatenate([read(self.in_proj[k]).reshape(D, -1) for k in ("z", "x", "B", "C", "dt")], axis=1)
+            out_BLF = sharding.einsum("BLD,DF->BLF", x_BLD, W_DF, out=act(None))
+            z, xx, Bp, Cp, dt_BLH = jnp.split(out_BLF, np.cumsum([H * P, H * P, G * N, G * N]), axis=-1)
+            z_BLHP, x_BLHP = z.reshape(Bsz, L, H, P), xx.reshape(Bsz, L, H, P)
+            B_BLGN, C_BLGN = Bp.reshape(Bsz, L, G, N), Cp.reshape(Bsz, L, G, N)
+        else:
+            z_BLHP = sharding.einsum("BLD,DHP->BLHP", x_BLD, read(self.in_proj["z"]), out=heads)
+            x_BLHP = sharding.einsum("BLD,DHP->BLHP", x_BLD, read(self.in_proj["x"]), out=heads)
+            B_BLGN = sharding.einsum("BLD,DGN->BLGN", x_BLD, read(self.in_proj["B"]), out=groups)
+            C_BLGN = sharding.einsum("BLD,DGN->BLGN", x_BLD, read(self.in_proj["C"]), out=groups)
+            dt_BLH = sharding.einsum("BLD,DH->BLH", x_BLD, read(self.in_proj["dt"]), out=act("act_heads"))
         if cfg.bias:
             b = self.in_proj_bias
             z_BLHP, x_BLHP = z_BLHP + read(b["z"])[None, None], x_BLHP + read(b["x"])[None, None]
@@ -342,7 +353,8 @@ class Mamba2(nnx.Module):
             ms_BLG = sharding.einsum("BLH,HG->BLG", sq_BLH, member_HG, out=("act_batch", None, None)) / (H // G * P)
             rstd_BLH = sharding.einsum("BLG,HG->BLH", jax.lax.rsqrt(ms_BLG + cfg.norm_eps), member_HG,
                                        out=("act_batch", None, "act_heads"))  # fmt: skip
-            y_BLHP = y_BLHP * rstd_BLH[..., None]
+            # Materialised once: the norm-weight gradient then reduces it instead of re-deriving it in the reduction.
+            y_BLHP = jax.lax.optimization_barrier(y_BLHP * rstd_BLH[..., None])
             y_BLHP = sharding.read(self.norm, dt)[None, None] * y_BLHP.astype(dt)
             if cfg.norm_before_gate:
                 y_BLHP = y_BLHP * gate_BLHP.astype(dt)

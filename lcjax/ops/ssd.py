@@ -238,18 +238,35 @@ def ssd_naive(
 
 
 # ---- chunked SSD ------------------------------------------------------------------------------------------------
+BLOCK = 64  # positions per diagonal (quadratic) block inside a chunk; chunk sizes that are multiples of it use it
+SEGSUM_MATMUL_MAX = 64  # blocks up to this length build the segment sum with one matmul (a Q³ 0/1 constant)
+
+
+def _stable_segsum(a_Q: Float[Array, "*B Q"]) -> Float[Array, "*B Q S"]:
+    """Σ_{k=s+1..q} a_k for s <= q (0 above the diagonal): the stable segment sum.
+
+    Each entry is a sum of exactly the same-sign terms it needs (a <= 0), never a difference of two long
+    cumulative sums, so nothing cancels. Short blocks contract a with the constant 0/1 tensor [s < k <= q] (one
+    matmul, also in the backward); longer ones cumsum the (q, s) matrix holding a_q below the diagonal (XLA lowers
+    that cumsum to a reduce-window: O(Q) work per entry).
+    """
+    Q = a_Q.shape[-1]
+    if Q <= SEGSUM_MATMUL_MAX:
+        q, s, k = np.ogrid[:Q, :Q, :Q]
+        between_KQS = jnp.asarray(((s < k) & (k <= q)).transpose(2, 0, 1).reshape(Q, Q * Q), a_Q.dtype)
+        out = jnp.einsum("...K,KF->...F", a_Q, between_KQS, precision=lax.Precision.HIGHEST)
+        return out.reshape(*a_Q.shape[:-1], Q, Q)
+    below_QS = jnp.tril(jnp.ones((Q, Q), bool), -1)
+    return jnp.cumsum(jnp.where(below_QS, a_Q[..., :, None], 0.0), axis=-2)
+
+
 def _segsum_decay(
     a_BCHQ: Float[Array, "B C H Q"], mask_BCQS: Bool[Array, "B C Q S"] | None
 ) -> Float[Array, "B C H Q S"]:
-    """exp(Σ_{k=s+1..q} a_k) for s <= q (and 0 above the diagonal or across documents): the stable segment sum.
-
-    Builds the (q, s) matrix holding a_q below the diagonal and cumsums it down the q axis, so each entry is a sum
-    of the few terms it needs rather than a difference of two long cumulative sums.
-    """
+    """exp(Σ_{k=s+1..q} a_k) for s <= q, 0 above the diagonal and across documents: the stable decay matrix."""
     Q = a_BCHQ.shape[-1]
-    below_QS = jnp.tril(jnp.ones((Q, Q), bool), -1)
+    segsum_BCHQS = _stable_segsum(a_BCHQ)
     causal_QS = jnp.tril(jnp.ones((Q, Q), bool), 0)
-    segsum_BCHQS = jnp.cumsum(jnp.where(below_QS[None, None, None], a_BCHQ[..., :, None], 0.0), axis=-2)
     keep = causal_QS[None, None, None] if mask_BCQS is None else causal_QS[None, None, None] & mask_BCQS[:, :, None]
     return jnp.where(keep, jnp.exp(segsum_BCHQS), 0.0)
 
@@ -271,15 +288,22 @@ def ssd_chunked(
 ) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
     """Chunked SSD (paper §6): intra-chunk dual form + a scan over chunk states. Any L (padded internally).
 
-    Work is O(L·Q·(N + P)·H) and memory O(L·Q·H) for the intra-chunk decay matrices: pick a smaller ``chunk_size``
-    (64-128) for very long inputs. A chunk larger than L is shrunk to L (the result does not depend on Q).
+    The quadratic (dual) form runs on blocks of Q = ``BLOCK`` positions when ``chunk_size`` is a multiple of it
+    (else Q = ``chunk_size``, shrunk to L when L is shorter), and the states pass between blocks; ``chunk_size``
+    keeps its meaning for ``max_state_norm_H`` (clipping after every ``chunk_size`` tokens and at the end). The
+    result does not depend on the block size up to rounding, while the work, O(L·Q·(N + P)·H + L·H·P·N), and the
+    memory of the decay matrices, O(L·Q·H), do: on CPU, 64-position blocks run the 130m mixer's SSD ~2x faster
+    than 256. Inside, heads come before positions (``B C G R Q ...``), so every contraction is a batched matmul
+    over (batch, block, group, head) without transposes of the (Q, Q) matrices, and every decay is the exp of a
+    same-sign sum.
     """
     Bsz, L, H, P = x_BLHP.shape
     G, N = B_BLGN.shape[2:]
     R = H // G
     acc = _acc_dtype(x_BLHP.dtype)
     mm = x_BLHP.dtype if x_BLHP.dtype != jnp.float64 else acc  # matmul operand dtype
-    Q = min(chunk_size, L)
+    Q = BLOCK if chunk_size % BLOCK == 0 else chunk_size
+    Q = min(Q, L)
     nC = -(-L // Q)
     pad = nC * Q - L
 
@@ -287,11 +311,18 @@ def ssd_chunked(
     a_BLH = _log_decay(dt_BLH, A_H, decay_scale_H, acc)
     X_BLHP = x_BLHP.astype(acc) * dt_BLH.astype(acc)[..., None]
     time_pad = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-    a_BCQH = time_pad(a_BLH).reshape(Bsz, nC, Q, H)
+    # Two layouts: positions first (B C Q G ...) for the state contractions, whose results then need no
+    # transposes, and heads first (B C G R Q ...) for the (Q, Q) dual form.
+    a_BCHQ = jnp.moveaxis(time_pad(a_BLH).reshape(Bsz, nC, Q, H), 3, 2)
     X_BCQGRP = time_pad(X_BLHP).reshape(Bsz, nC, Q, G, R, P)
+    X_BCGRQP = X_BCQGRP.transpose(0, 1, 3, 4, 2, 5)
     B_BCQGN = time_pad(B_BLGN).reshape(Bsz, nC, Q, G, N).astype(mm)
     C_BCQGN = time_pad(C_BLGN).reshape(Bsz, nC, Q, G, N).astype(mm)
-    acs_BCQH = jnp.cumsum(a_BCQH, axis=2)  # decay from the chunk start, inclusive
+    B_BCGQN, C_BCGQN = jnp.moveaxis(B_BCQGN, 3, 2), jnp.moveaxis(C_BCQGN, 3, 2)
+    from_start_BCHQ = jnp.cumsum(a_BCHQ, axis=-1)  # decay from the chunk start to q, inclusive
+    # decay from q to the chunk end (exclusive of q): a reversed cumsum, not a difference of cumulative sums
+    to_end_BCHQ = jnp.concatenate([jnp.flip(jnp.cumsum(jnp.flip(a_BCHQ[..., 1:], -1), -1), -1),
+                                   jnp.zeros_like(a_BCHQ[..., :1])], axis=-1)  # fmt: skip
 
     if seq_idx_BL is None:
         seg_BCQ = same_seg_BCQS = None
@@ -302,36 +333,40 @@ def ssd_chunked(
         prev_seg_BC = jnp.concatenate([jnp.zeros((Bsz, 1), jnp.int32), seg_BCQ[:, :-1, -1]], axis=1)
 
     # 1. Intra-chunk outputs (the diagonal blocks of the semiseparable matrix).
-    L_BCHQS = _segsum_decay(jnp.moveaxis(a_BCQH, 3, 2), same_seg_BCQS)
-    CB_BCGQS = jnp.einsum("BCQGN,BCSGN->BCGQS", C_BCQGN, B_BCQGN, preferred_element_type=acc)
-    M_BCGRQS = CB_BCGQS[:, :, :, None] * L_BCHQS.reshape(Bsz, nC, G, R, Q, Q)
-    y_BCQGRP = jnp.einsum("BCGRQS,BCSGRP->BCQGRP", M_BCGRQS.astype(mm), X_BCQGRP.astype(mm),
-                          preferred_element_type=acc)  # fmt: skip
+    L_BCGRQS = _segsum_decay(a_BCHQ, same_seg_BCQS).reshape(Bsz, nC, G, R, Q, Q)
+    CB_BCGQS = jnp.einsum("BCGQN,BCGSN->BCGQS", C_BCGQN, B_BCGQN, preferred_element_type=acc)
+    M_BCGRQS = (CB_BCGQS[:, :, :, None] * L_BCGRQS).astype(mm)
+    y_BCGRQP = jnp.einsum("BCGRQS,BCGRSP->BCGRQP", M_BCGRQS, X_BCGRQP.astype(mm), preferred_element_type=acc)
 
     # 2. Each chunk's own final state (tokens weighted by their decay to the chunk end).
-    to_end_BCQH = jnp.exp(acs_BCQH[:, :, -1:, :] - acs_BCQH)
+    w_BCHQ = jnp.exp(to_end_BCHQ)
     if seg_BCQ is not None:
-        to_end_BCQH = jnp.where((seg_BCQ == seg_BCQ[:, :, -1:])[..., None], to_end_BCQH, 0.0)
-    Xw_BCQGRP = (X_BCQGRP * to_end_BCQH.reshape(Bsz, nC, Q, G, R)[..., None]).astype(mm)
+        w_BCHQ = jnp.where((seg_BCQ == seg_BCQ[:, :, -1:])[:, :, None, :], w_BCHQ, 0.0)
+    w_BCQGR = jnp.moveaxis(w_BCHQ, 3, 2).reshape(Bsz, nC, Q, G, R)
+    Xw_BCQGRP = (X_BCQGRP * w_BCQGR[..., None]).astype(mm)
     s_BCGRPN = jnp.einsum("BCQGN,BCQGRP->BCGRPN", B_BCQGN, Xw_BCQGRP, preferred_element_type=acc)
 
     # 3. State passing: a linear recurrence over chunks, S_k = a_k · S_{k-1} + s_k (not the (C x C) listing form).
-    a_BCH = jnp.exp(acs_BCQH[:, :, -1, :])
+    a_BCH = jnp.exp(from_start_BCHQ[..., -1])
     if seg_BCQ is not None:  # a document boundary inside chunk k: nothing of S_{k-1} survives it
         a_BCH = jnp.where((seg_BCQ[:, :, -1] == prev_seg_BC)[..., None], a_BCH, 0.0)
     S0_BHPN = jnp.zeros((Bsz, H, P, N), acc) if initial_state_BHPN is None else initial_state_BHPN.astype(acc)
+    clip_C = None
+    if max_state_norm_H is not None:  # clip where a chunk of chunk_size tokens ends, and after the last block
+        clip_C = ((np.arange(1, nC + 1) * Q) % chunk_size == 0) | (np.arange(nC) == nC - 1)
     final_BHPN, enter_CBHPN = chunk_state_scan(
         S0_BHPN, jnp.moveaxis(a_BCH, 1, 0), jnp.moveaxis(s_BCGRPN.reshape(Bsz, nC, H, P, N), 1, 0),
-        max_state_norm_H=max_state_norm_H,
+        max_state_norm_H=max_state_norm_H, clip_C=clip_C,
     )  # fmt: skip
     enter_BCGRPN = jnp.moveaxis(enter_CBHPN, 0, 1).reshape(Bsz, nC, G, R, P, N)
 
     # 4. Entering state -> outputs (the off-diagonal blocks).
-    from_start_BCQH = jnp.exp(acs_BCQH)
+    d_BCHQ = jnp.exp(from_start_BCHQ)
     if seg_BCQ is not None:
-        from_start_BCQH = jnp.where((seg_BCQ == prev_seg_BC[:, :, None])[..., None], from_start_BCQH, 0.0)
+        d_BCHQ = jnp.where((seg_BCQ == prev_seg_BC[:, :, None])[:, :, None, :], d_BCHQ, 0.0)
     y_off_BCQGRP = jnp.einsum("BCQGN,BCGRPN->BCQGRP", C_BCQGN.astype(acc), enter_BCGRPN)
-    y_BCQGRP = y_BCQGRP + y_off_BCQGRP * from_start_BCQH.reshape(Bsz, nC, Q, G, R)[..., None]
+    d_BCQGR = jnp.moveaxis(d_BCHQ, 3, 2).reshape(Bsz, nC, Q, G, R)
+    y_BCQGRP = y_BCGRQP.transpose(0, 1, 4, 2, 3, 5) + y_off_BCQGRP * d_BCQGR[..., None]
 
     y_BLHP = y_BCQGRP.reshape(Bsz, nC * Q, H, P)[:, :L]
     if D_H is not None:
@@ -345,20 +380,27 @@ def chunk_state_scan(
     s_CBHPN: Float[Array, "C B H P N"],
     *,
     max_state_norm_H: Float[Array, " H"] | None = None,
+    clip_C: np.ndarray | None = None,
 ) -> tuple[Float[Array, "B H P N"], Float[Array, "C B H P N"]]:
     """S_k = a_k · S_{k-1} + s_k over chunks (``lax.scan``). Returns (final state, the state entering each chunk).
 
-    With ``max_state_norm_H`` every S_k is clipped to Frobenius norm <= τ_h before it is passed on.
+    With ``max_state_norm_H`` every S_k (or those where the static boolean ``clip_C`` is set) is clipped to
+    Frobenius norm <= τ_h before it is passed on.
     """
+    nC = a_CBH.shape[0]
+    clip_C = np.ones((nC,), bool) if clip_C is None else np.asarray(clip_C, bool)
+    if clip_C.shape != (nC,):
+        raise ValueError(f"clip_C: expected a boolean mask of shape ({nC},), got {clip_C.shape}")
 
     def body(S_BHPN, inputs):
-        a_BH, s_BHPN = inputs
+        a_BH, s_BHPN, clip = inputs
         S_next = a_BH[:, :, None, None] * S_BHPN + s_BHPN
         if max_state_norm_H is not None:
-            S_next = _clip_state_norm(S_next, max_state_norm_H)
+            clipped = _clip_state_norm(S_next, max_state_norm_H)
+            S_next = clipped if clip_C.all() else jnp.where(clip, clipped, S_next)
         return S_next, S_BHPN
 
-    return lax.scan(body, S0_BHPN, (a_CBH, s_CBHPN))
+    return lax.scan(body, S0_BHPN, (a_CBH, s_CBHPN, jnp.asarray(clip_C)))
 
 
 def initial_state_decay(
