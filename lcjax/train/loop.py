@@ -143,11 +143,11 @@ def train_step(model, optimizer, batch, key, *, schedule, z_loss: float, grad_ac
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     metrics = dict(
-        loss=loss_sum / denom, grad_norm=optax.global_norm(nnx.state(grads, nnx.Param)),
+        loss=loss_sum / denom, grad_norm=optax.tree.norm(nnx.state(grads, nnx.Param)),
         learning_rate=schedule(count), tokens=tokens,
     )  # fmt: skip
     optimizer.update(model, grads)
-    metrics["param_norm"] = optax.global_norm(nnx.state(model, nnx.Param))
+    metrics["param_norm"] = optax.tree.norm(nnx.state(model, nnx.Param))
     return model, optimizer, metrics
 
 
