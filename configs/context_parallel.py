@@ -12,9 +12,10 @@ once, fewer collectives, O(L) K/V per device; see ``lcjax/ops/context_parallel.p
 ``context``), ``smoke`` (tiny model, a few steps), and every other ``configs/mqar.py`` key is passed on
 (``pairs``, ``d``, ``layers``, ``heads``, ``batch``, ``steps``, ``lr``).
 
-The batch keeps the pipeline's contiguous token order, so device r holds tokens [r·L/n, (r+1)·L/n). Ring and
-all-gather attention mask by positions only, so a load-balanced layout (zigzag) is a data-pipeline permutation
-(``lcjax.ops.context_parallel.apply_layout`` on every batch), which the loop does not apply yet.
+``layout`` (``config.context_layout``: ``zigzag``, the default, balances causal work exactly; ``striped``;
+``contiguous`` keeps device r on tokens [r·L/n, (r+1)·L/n)): the loop permutes every batch on the host
+(``lcjax.ops.context_parallel.apply_layout``) before it goes to the devices. Ring and all-gather attention mask by
+positions and segment ids only, so every layout gives the same loss.
 """
 
 import os
@@ -25,13 +26,14 @@ MQAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mqar.py")
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, lazy=True, impl="ring", context=4, data=2, smoke=False)
+    a = parse_arg(arg, lazy=True, impl="ring", layout="zigzag", context=4, data=2, smoke=False)
     if a.impl not in ("ring", "allgather"):
         raise ValueError(f"configs/context_parallel.py: impl={a.impl!r}; allowed: 'ring', 'allgather'")
-    passed = {k: v for k, v in a.items() if k not in ("impl", "context", "data", "smoke")}
+    passed = {k: v for k, v in a.items() if k not in ("impl", "layout", "context", "data", "smoke")}
     variant = ",".join(["model=attention", *(["smoke"] if a.smoke else []), *(f"{k}={v}" for k, v in passed.items())])
     c = load_config_file(MQAR, variant)
     c.model.context_impl = a.impl
     c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = a.data, 1, a.context, 1
     c.sharding = "context_parallel"
+    c.context_layout = a.layout
     return c

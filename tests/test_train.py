@@ -177,6 +177,28 @@ def test_sharded_training_matches_one_device(preset, base_run, tmp_path):
     assert result.eval["answer_correct"] == base.eval["answer_correct"]
 
 
+@pytest.mark.slow  # an 8-device SPMD compile
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_context_parallel_training_with_a_balanced_layout_matches_one_device(layout, base_run, tmp_path):
+    """Ring attention over context=4 x data=2 with the batch permuted on the host gives the same curve and eval."""
+    _, base, losses, _ = base_run
+    c = smoke_config(sharding="context_parallel", context_layout=layout)
+    c.model.context_impl = "ring"
+    c.mesh.update(dict(data=2, fsdp=1, context=4, tensor=1, num_devices=8))
+    result = loop.train(c, str(tmp_path))
+    sharded = train_losses(str(tmp_path))
+    np.testing.assert_allclose([sharded[s] for s in range(1, 9)], [losses[s] for s in range(1, 9)], **F32_SHARDED)
+    assert result.eval["answer_correct"] == base.eval["answer_correct"]
+
+
+def test_recurrent_blocks_refuse_a_permuted_layout():
+    c = smoke_config(context_layout="zigzag")
+    c.model.block_pattern, c.model.n_layers = ("attention", "m2"), 2
+    c.model.m2 = dict(d_model=c.model.d_model, l_max=c.model.max_seq_len)
+    with pytest.raises(ValueError, match="config.context_layout"):
+        config_lib.ExperimentConfig.from_config(c)
+
+
 def test_train_state_is_born_sharded():
     """What the fsdp_tp run above builds: parameters and Adam moments sharded over fsdp x tensor from the start."""
     cfg = config_lib.ExperimentConfig.from_config(sharded_config("fsdp_tp"))

@@ -27,6 +27,7 @@ import ml_collections
 
 from lcjax import data as data_lib
 from lcjax.models.lm import LMConfig
+from lcjax.ops.context_parallel import Layout
 from lcjax.sharding import ShardingRules
 
 # ------------------------------------------------------------------------------------------------ arg parsing
@@ -356,7 +357,7 @@ def _build_dataclass(cls: type, d: Mapping[str, Any], field: str) -> Any:
 _TOP_KEYS = (
     "seed", "model", "data", "batch_size", "eval_batch_size", "num_steps", "optim", "z_loss", "mesh", "sharding",
     "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches", "progress_bar",
-    "inject_nan_at_step",
+    "inject_nan_at_step", "context_layout",
 )  # fmt: skip
 
 
@@ -373,6 +374,7 @@ class ExperimentConfig:
     z_loss: float = 0.0  # PaLM z-loss coefficient on logsumexp^2
     mesh: MeshConfig = MeshConfig()
     sharding: str = "dp"  # lcjax.sharding.ShardingRules.from_name preset(s), e.g. "fsdp_tp"
+    context_layout: str = "contiguous"  # token order over the context axis: contiguous | zigzag | striped
     seed: int = 0  # model init and the per-step RNG; data order has its own config.data.seed
     log_every: int = 50
     eval_every: int = 500  # 0 -> only at the end
@@ -420,7 +422,14 @@ class ExperimentConfig:
             eval_batches=_int("config.eval_batches", get("eval_batches"), 0),
             progress_bar=_bool("config.progress_bar", get("progress_bar")),
             inject_nan_at_step=_int("config.inject_nan_at_step", get("inject_nan_at_step"), 0),
+            context_layout=_str("config.context_layout", get("context_layout"), [layout.value for layout in Layout]),
         )
+        recurrent = sorted(set(cfg.model.block_pattern) - {"attention"})
+        if cfg.context_layout != "contiguous" and recurrent:
+            raise _fail(
+                "config.context_layout", f"={cfg.context_layout!r}: {recurrent} blocks read the sequence in order; "
+                "only 'contiguous' keeps it (attention-only models may use zigzag / striped)",
+            )  # fmt: skip
         if cfg.model.vocab_size < data.vocab_size:
             raise _fail(
                 "config.model.vocab_size", f"={cfg.model.vocab_size} is smaller than the data's vocabulary "

@@ -38,6 +38,7 @@ from flax import nnx
 
 from lcjax import data as data_lib
 from lcjax import sharding
+from lcjax.ops import context_parallel
 from lcjax.ops.losses import token_cross_entropy
 from lcjax.train import checkpoint as ckpt_lib
 from lcjax.train import metrics as metrics_lib
@@ -93,6 +94,21 @@ def _batch_sharding(mesh: jax.sharding.Mesh, rules: sharding.ShardingRules) -> j
 def put_batch(batch: dict[str, np.ndarray], batch_sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
     """Process-local NumPy batch -> global sharded arrays (the one host-to-device transfer of the loop)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+
+def batch_placer(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: sharding.ShardingRules):
+    """``place(numpy batch) -> device batch``: the context-parallel token layout (``config.context_layout``,
+    e.g. zigzag for causal load balance) is applied on the host, once per batch, then the batch is transferred.
+    Losses and accuracies are sums over tokens, so they do not depend on the layout."""
+    batch_sharding = _batch_sharding(mesh, rules)
+    n = int(mesh.shape["context"])
+
+    def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if n > 1 and cfg.context_layout != "contiguous":
+            batch = context_parallel.apply_layout(batch, n=n, layout=cfg.context_layout)
+        return put_batch(batch, batch_sharding)
+
+    return place
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,14 +184,14 @@ def eval_step(model, batch, *, text: bool, rules):
     return out
 
 
-def evaluate(model, eval_ds, eval_fn, batch_sharding, *, text: bool, max_batches: int = 0) -> dict[str, float]:
+def evaluate(model, eval_ds, eval_fn, place, *, text: bool, max_batches: int = 0) -> dict[str, float]:
     """One pass over the held-out split (or its first ``max_batches``): loss, and accuracy or bits per byte, plus
     the integer counts they come from."""
     totals = None
     for i, batch in enumerate(eval_ds):
         if max_batches and i >= max_batches:
             break
-        out = eval_fn(model, put_batch(batch, batch_sharding))
+        out = eval_fn(model, place(batch))
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     if totals is None:
         raise ValueError("the held-out split produced no batch")
@@ -236,7 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     mesh = state_lib.build_mesh(cfg.mesh)
     rules = cfg.rules
     cfg.check_data_parallel(state_lib.data_parallel_size(mesh, rules))
-    batch_sharding = _batch_sharding(mesh, rules)
+    place = batch_placer(cfg, mesh, rules)
 
     # ---- Input -----------------------------------------------------------------------------------------------
     train_ds, eval_ds = make_datasets(cfg)
@@ -302,7 +318,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
         bar.set_postfix(loss=f"{done[-1][1]['loss']:.4f}", tok_s=f"{rate:,.0f}")
 
     def run_eval(step: int) -> dict[str, float]:
-        result = evaluate(model, eval_ds, eval_fn, batch_sharding, text=text, max_batches=cfg.eval_batches)
+        result = evaluate(model, eval_ds, eval_fn, place, text=text, max_batches=cfg.eval_batches)
         writer.write(step, "eval", result)
         bar.write(f"eval step {step}: {_fmt(result)}")
         return result
@@ -314,7 +330,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
                 final_eval = run_eval(start)
             t_last = time.perf_counter()
             for step in range(start + 1, cfg.num_steps + 1):
-                batch = put_batch(next(train_iter), batch_sharding)
+                batch = place(next(train_iter))
                 model, optimizer, m = step_fn(model, optimizer, batch, key)
                 pending.append((step, m))
                 bar.update()
@@ -407,7 +423,7 @@ def evaluate_workdir(workdir: str | os.PathLike) -> dict[str, Any]:
     _, eval_ds = make_datasets(cfg)
     eval_fn = functools.partial(eval_step, text=cfg.data.kind == "text", rules=rules)
     with sharding.use(mesh, rules):
-        result = evaluate(model, eval_ds, eval_fn, _batch_sharding(mesh, rules), text=cfg.data.kind == "text")
+        result = evaluate(model, eval_ds, eval_fn, batch_placer(cfg, mesh, rules), text=cfg.data.kind == "text")
     return dict(step=step, **result)
 
 
