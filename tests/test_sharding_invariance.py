@@ -69,3 +69,17 @@ def test_train_step_is_sharding_invariant(preset, scan, batch, single_device):
         assert q[...].sharding.spec == sharding.current_rules().to_pspec(*names)
     np.testing.assert_allclose(loss_n, loss_1, **F32_SHARDED)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32_SHARDED), grads_n, grads_1)
+
+
+@pytest.mark.parametrize("pattern", [("attention",), ("attention", "m2")], ids=["attention", "hybrid-m2"])
+def test_generate_under_a_mesh_equals_one_device(pattern):
+    from lcjax.layers.monarch_mixer import M2SequenceMixerConfig
+    from lcjax.models.lm import generate
+
+    extra = dict(m2=M2SequenceMixerConfig.causal(32, 256)) if "m2" in pattern else {}
+    cfg = LMConfig.tiny(attn_impl="reference", block_pattern=pattern, **extra)
+    prompt = jnp.asarray(np.random.default_rng(1).integers(0, 128, (4, 5)), jnp.int32)
+    ref = generate(jax.jit(lambda: LM(cfg, rngs=nnx.Rngs(0)))(), prompt, max_new_tokens=4)
+    with sharding.use(sharding.make_mesh(fsdp=4, tensor=2), sharding.ShardingRules.fsdp_tp()):
+        out = generate(jax.jit(lambda: LM(cfg, rngs=nnx.Rngs(0)))(), prompt, max_new_tokens=4)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))

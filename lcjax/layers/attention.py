@@ -30,6 +30,7 @@ from lcjax.ops import rope as rope_ops
 from lcjax.typing import Array, Float, Int
 
 EMPTY_SEGMENT = -1
+_KV_NAMES = ("act_batch", "act_kv_seq", "act_kv_heads", None)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,11 +72,11 @@ class KVCache(NamedTuple):
 
     @classmethod
     def init(cls, batch: int, length: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
-        zeros = jnp.zeros((batch, length, n_kv_heads, head_dim), dtype)
-        return cls(
-            k_BSKP=zeros, v_BSKP=zeros, positions_BS=jnp.zeros((batch, length), jnp.int32),
-            segment_ids_BS=jnp.full((batch, length), EMPTY_SEGMENT, jnp.int32), index=jnp.zeros((), jnp.int32),
-        )  # fmt: skip
+        """An empty cache; under a mesh it is sharded like the keys it will hold (batch and kv heads)."""
+        zeros = sharding.shard(jnp.zeros((batch, length, n_kv_heads, head_dim), dtype), *_KV_NAMES)
+        slots = lambda fill: sharding.shard(jnp.full((batch, length), fill, jnp.int32), *_KV_NAMES[:2])
+        return cls(k_BSKP=zeros, v_BSKP=zeros, positions_BS=slots(0), segment_ids_BS=slots(EMPTY_SEGMENT),
+                   index=jnp.zeros((), jnp.int32))  # fmt: skip
 
     def update(self, k_BLKP, v_BLKP, positions_BL, segment_ids_BL) -> KVCache:
         """Write ``L`` new entries at ``[index, index + L)``."""
@@ -88,7 +89,10 @@ class KVCache(NamedTuple):
             index = None  # traced: the caller (e.g. ``generate``) checks the length statically
         if index is not None and index + L > S:
             raise ValueError(f"KVCache.update: index {int(self.index)} + {L} new tokens exceeds cache length {S}")
-        put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), self.index, axis=1)
+        def put(buf, new):
+            new = sharding.shard(new.astype(buf.dtype), *_KV_NAMES[: buf.ndim])  # the buffer's sharding
+            return jax.lax.dynamic_update_slice_in_dim(buf, new, self.index, axis=1)
+
         return KVCache(
             put(self.k_BSKP, k_BLKP), put(self.v_BSKP, v_BLKP), put(self.positions_BS, positions_BL),
             put(self.segment_ids_BS, segment_ids_BL), self.index + L,

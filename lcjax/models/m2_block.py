@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from lcjax.models.lm import LMConfig
 
 
+_NAMES = ("act_batch", "act_kv_seq", "act_embed")
+
+
 class M2Cache(NamedTuple):
     """Normalised mixer inputs ``h_BSD`` and their segment ids (-1 = empty slot); ``index`` = slots filled."""
 
@@ -61,7 +64,10 @@ class M2Block(nnx.Module):
             S = cache.h_BSD.shape[1]
             if L > S:
                 raise ValueError(f"M2Block: {L} new tokens do not fit a cache of length {S}")
-            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache.index, axis=1)
+            def put(buf, new):
+                new = sharding.shard(new.astype(buf.dtype), *_NAMES[: buf.ndim])
+                return jax.lax.dynamic_update_slice_in_dim(buf, new, cache.index, axis=1)
+
             cache = M2Cache(put(cache.h_BSD, h_BLD), put(cache.segment_ids_BS, segment_ids_BL), cache.index + L)
             y_BSD = self.mixer(cache.h_BSD.astype(h_BLD.dtype), segment_ids_BL=cache.segment_ids_BS)
             y_BLD = jax.lax.dynamic_slice_in_dim(y_BSD, cache.index - L, L, axis=1)
@@ -72,10 +78,9 @@ class M2Block(nnx.Module):
     def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> M2Cache:
         if length > self.mixer.cfg.l_max:
             raise ValueError(f"M2Block.init_cache: length {length} exceeds the mixer's l_max={self.mixer.cfg.l_max}")
-        return M2Cache(
-            h_BSD=jnp.zeros((batch, length, self.mixer.cfg.d_model), dtype),
-            segment_ids_BS=jnp.full((batch, length), -1, jnp.int32), index=jnp.zeros((), jnp.int32),
-        )  # fmt: skip
+        h_BSD = sharding.shard(jnp.zeros((batch, length, self.mixer.cfg.d_model), dtype), *_NAMES)
+        segment_ids_BS = sharding.shard(jnp.full((batch, length), -1, jnp.int32), *_NAMES[:2])
+        return M2Cache(h_BSD=h_BSD, segment_ids_BS=segment_ids_BS, index=jnp.zeros((), jnp.int32))
 
 
 __all__ = ["M2Block", "M2Cache"]
