@@ -338,69 +338,48 @@ def ssd_chunked(
     M_BCGRQS = (CB_BCGQS[:, :, :, None] * L_BCGRQS).astype(mm)
     y_BCGRQP = jnp.einsum("BCGRQS,BCGRSP->BCGRQP", M_BCGRQS, X_BCGRQP.astype(mm), preferred_element_type=acc)
 
-    # 2. Each chunk's own final state (tokens weighted by their decay to the chunk end).
-    w_BCHQ = jnp.exp(to_end_BCHQ)
-    if seg_BCQ is not None:
+    # 2. Weights of each token in its block's own final state (decay to the block end) and of the entering state
+    # in each token's output (decay from the block start).
+    w_BCHQ, d_BCHQ = jnp.exp(to_end_BCHQ), jnp.exp(from_start_BCHQ)
+    a_BCH = jnp.exp(from_start_BCHQ[..., -1])  # decay across the whole block
+    if seg_BCQ is not None:  # a new document inside a block: earlier tokens and states stop there
         w_BCHQ = jnp.where((seg_BCQ == seg_BCQ[:, :, -1:])[:, :, None, :], w_BCHQ, 0.0)
-    w_BCQGR = jnp.moveaxis(w_BCHQ, 3, 2).reshape(Bsz, nC, Q, G, R)
-    Xw_BCQGRP = (X_BCQGRP * w_BCQGR[..., None]).astype(mm)
-    s_BCGRPN = jnp.einsum("BCQGN,BCQGRP->BCGRPN", B_BCQGN, Xw_BCQGRP, preferred_element_type=acc)
-
-    # 3. State passing: a linear recurrence over chunks, S_k = a_k · S_{k-1} + s_k (not the (C x C) listing form).
-    a_BCH = jnp.exp(from_start_BCHQ[..., -1])
-    if seg_BCQ is not None:  # a document boundary inside chunk k: nothing of S_{k-1} survives it
+        d_BCHQ = jnp.where((seg_BCQ == prev_seg_BC[:, :, None])[:, :, None, :], d_BCHQ, 0.0)
         a_BCH = jnp.where((seg_BCQ[:, :, -1] == prev_seg_BC)[..., None], a_BCH, 0.0)
+    to_BCQGR = lambda t_BCHQ: jnp.moveaxis(t_BCHQ, 3, 2).reshape(Bsz, nC, Q, G, R)
+    Xw_BCQGRP = (X_BCQGRP * to_BCQGR(w_BCHQ)[..., None]).astype(mm)
+
+    # 3. State passing, a linear recurrence over blocks (not the listing's (C x C) form): each step reads the
+    # entering state S into the block's outputs, C_q · S, then S <- a·S + B^T·(w ⊙ X). Doing both in one scan
+    # never materialises the (C, H, P, N) stack of entering states in the forward pass.
     S0_BHPN = jnp.zeros((Bsz, H, P, N), acc) if initial_state_BHPN is None else initial_state_BHPN.astype(acc)
-    clip_C = None
+    clip_C = np.zeros((nC,), bool)
     if max_state_norm_H is not None:  # clip where a chunk of chunk_size tokens ends, and after the last block
         clip_C = ((np.arange(1, nC + 1) * Q) % chunk_size == 0) | (np.arange(nC) == nC - 1)
-    final_BHPN, enter_CBHPN = chunk_state_scan(
-        S0_BHPN, jnp.moveaxis(a_BCH, 1, 0), jnp.moveaxis(s_BCGRPN.reshape(Bsz, nC, H, P, N), 1, 0),
-        max_state_norm_H=max_state_norm_H, clip_C=clip_C,
-    )  # fmt: skip
-    enter_BCGRPN = jnp.moveaxis(enter_CBHPN, 0, 1).reshape(Bsz, nC, G, R, P, N)
 
-    # 4. Entering state -> outputs (the off-diagonal blocks).
-    d_BCHQ = jnp.exp(from_start_BCHQ)
-    if seg_BCQ is not None:
-        d_BCHQ = jnp.where((seg_BCQ == prev_seg_BC[:, :, None])[:, :, None, :], d_BCHQ, 0.0)
-    y_off_BCQGRP = jnp.einsum("BCQGN,BCGRPN->BCQGRP", C_BCQGN.astype(acc), enter_BCGRPN)
-    d_BCQGR = jnp.moveaxis(d_BCHQ, 3, 2).reshape(Bsz, nC, Q, G, R)
-    y_BCQGRP = y_BCGRQP.transpose(0, 1, 4, 2, 3, 5) + y_off_BCQGRP * d_BCQGR[..., None]
+    def step(S_BGRPN, inputs):
+        a_BH, Xw_BQGRP, B_BQGN, C_BQGN, clip = inputs
+        y_BQGRP = jnp.einsum("BQGN,BGRPN->BQGRP", C_BQGN.astype(acc), S_BGRPN)
+        s_BGRPN = jnp.einsum("BQGN,BQGRP->BGRPN", B_BQGN, Xw_BQGRP, preferred_element_type=acc)
+        S_BGRPN = a_BH.reshape(Bsz, G, R)[..., None, None] * S_BGRPN + s_BGRPN
+        if max_state_norm_H is not None:
+            clipped = _clip_state_norm(S_BGRPN.reshape(Bsz, H, P, N), max_state_norm_H).reshape(S_BGRPN.shape)
+            S_BGRPN = jnp.where(clip, clipped, S_BGRPN)
+        return S_BGRPN, y_BQGRP
+
+    lead = lambda t: jnp.moveaxis(t, 1, 0)  # block axis first, for the scan
+    final_BGRPN, y_off_CBQGRP = lax.scan(step, S0_BHPN.reshape(Bsz, G, R, P, N), (
+        lead(a_BCH), lead(Xw_BCQGRP), lead(B_BCQGN), lead(C_BCQGN), jnp.asarray(clip_C)))  # fmt: skip
+    final_BHPN = final_BGRPN.reshape(Bsz, H, P, N)
+
+    # 4. Outputs: the diagonal blocks plus the entering states' contributions (the off-diagonal blocks).
+    y_off_BCQGRP = lead(y_off_CBQGRP) * to_BCQGR(d_BCHQ)[..., None]
+    y_BCQGRP = y_BCGRQP.transpose(0, 1, 4, 2, 3, 5) + y_off_BCQGRP
 
     y_BLHP = y_BCQGRP.reshape(Bsz, nC * Q, H, P)[:, :L]
     if D_H is not None:
         y_BLHP = y_BLHP + D_H.astype(acc)[None, None, :, None] * x_BLHP.astype(acc)
     return y_BLHP.astype(x_BLHP.dtype), final_BHPN
-
-
-def chunk_state_scan(
-    S0_BHPN: Float[Array, "B H P N"],
-    a_CBH: Float[Array, "C B H"],
-    s_CBHPN: Float[Array, "C B H P N"],
-    *,
-    max_state_norm_H: Float[Array, " H"] | None = None,
-    clip_C: np.ndarray | None = None,
-) -> tuple[Float[Array, "B H P N"], Float[Array, "C B H P N"]]:
-    """S_k = a_k · S_{k-1} + s_k over chunks (``lax.scan``). Returns (final state, the state entering each chunk).
-
-    With ``max_state_norm_H`` every S_k (or those where the static boolean ``clip_C`` is set) is clipped to
-    Frobenius norm <= τ_h before it is passed on.
-    """
-    nC = a_CBH.shape[0]
-    clip_C = np.ones((nC,), bool) if clip_C is None else np.asarray(clip_C, bool)
-    if clip_C.shape != (nC,):
-        raise ValueError(f"clip_C: expected a boolean mask of shape ({nC},), got {clip_C.shape}")
-
-    def body(S_BHPN, inputs):
-        a_BH, s_BHPN, clip = inputs
-        S_next = a_BH[:, :, None, None] * S_BHPN + s_BHPN
-        if max_state_norm_H is not None:
-            clipped = _clip_state_norm(S_next, max_state_norm_H)
-            S_next = clipped if clip_C.all() else jnp.where(clip, clipped, S_next)
-        return S_next, S_BHPN
-
-    return lax.scan(body, S0_BHPN, (a_CBH, s_CBHPN, jnp.asarray(clip_C)))
 
 
 def initial_state_decay(
@@ -522,5 +501,5 @@ def nearest_length(lengths: Sequence[int], L: int) -> int:
     return int(min(range(len(lengths)), key=lambda i: abs(L - lengths[i])))
 
 
-__all__ = ["Impl", "ssd", "ssd_naive", "ssd_chunked", "ssd_step", "chunk_state_scan", "initial_state_decay",
+__all__ = ["Impl", "ssd", "ssd_naive", "ssd_chunked", "ssd_step", "initial_state_decay",
            "segment_ids", "longmamba_calibrate", "longmamba_filter", "nearest_length"]  # fmt: skip
