@@ -14,7 +14,7 @@ from flax import nnx
 from lcjax import data, sharding
 from lcjax.layers.beacon import BeaconConfig, BeaconParam, chunk_layout
 from lcjax.models import beacon as beacon_lib
-from lcjax.models.lm import LM, LMConfig
+from lcjax.models.lm import LM, LMConfig, sample_logits
 from lcjax.train import beacon as train_lib
 from tests.tolerances import EXACT, F32_MODULE, F32_SHARDED
 
@@ -232,17 +232,27 @@ def test_capacity_and_input_checks(base):
         m.init_state(1, 9, ratios_BN=np.array([[2]], np.int32))
 
 
-def test_generate_is_greedy_teacher_forced(base):
-    """Generated tokens are the argmax of the one-shot logits of prompt + generated (right-padded prompts)."""
+def test_generate_is_teacher_forced(base):
+    """Greedy tokens are the argmax of the one-shot logits of prompt + generated (right-padded prompts); sampled
+    tokens are ``lm.sample_logits`` of those logits with generate's keys (``split(rng, N)``, one per token)."""
     m = make(base)
     prompt, lengths, N = toks((2, 11), seed=5), np.array([11, 6], np.int32), 7
-    new = np.asarray(beacon_lib.generate(m, prompt, lengths_B=lengths, max_new_tokens=N))
-    full = np.zeros((2, 11 + N), np.int32)
-    for b, n in enumerate(lengths):
-        full[b, :n], full[b, n : n + N] = prompt[b, :n], new[b]
-    logits = np.asarray(forward(m, full, lengths + N, np.full((2, 3), 2, np.int32)))
-    for b, n in enumerate(lengths):
-        np.testing.assert_array_equal(logits[b, n - 1 : n - 1 + N].argmax(-1), new[b])
+    rng, temperature = jax.random.key(3), 0.8
+    for kw in (dict(), dict(temperature=temperature, top_k=V // 2, rng=rng)):
+        new = np.asarray(beacon_lib.generate(m, prompt, lengths_B=lengths, max_new_tokens=N, **kw))
+        full = np.zeros((2, 11 + N), np.int32)
+        for b, n in enumerate(lengths):
+            full[b, :n], full[b, n : n + N] = prompt[b, :n], new[b]
+        logits = np.asarray(forward(m, full, lengths + N, np.full((2, 3), 2, np.int32)))
+        at_BNV = np.stack([logits[b, n - 1 : n - 1 + N] for b, n in enumerate(lengths)])
+        if not kw:
+            np.testing.assert_array_equal(at_BNV.argmax(-1), new)
+            continue
+        keys = jax.random.split(rng, N)
+        want = [sample_logits(jnp.asarray(at_BNV[:, i]), keys[i], temperature=temperature, top_k=V // 2)
+                for i in range(N)]  # fmt: skip
+        np.testing.assert_array_equal(np.stack(want, axis=1), new)
+        assert (new != at_BNV.argmax(-1)).any()  # the draws are not all greedy
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -33,7 +33,7 @@ from flax import nnx
 from lcjax import sharding
 from lcjax.layers.beacon import BeaconAttention, BeaconConfig, BeaconParam, ChunkLayout, KeyMask, beacon_param
 from lcjax.layers.beacon import chunk_layout
-from lcjax.models.lm import LM
+from lcjax.models.lm import LM, sample_logits
 from lcjax.typing import Array, ArrayLike, Float, Int
 
 __all__ = ["BeaconLM", "BeaconParam", "BeaconState", "add_beacons", "generate"]
@@ -389,7 +389,8 @@ def generate(
     rng: jax.Array | None = None,
 ) -> Int[Array, "B new"]:  # fmt: skip
     """Greedy (``temperature=0``) or sampled continuation through the beacon state: prefill of the (right-padded,
-    ``lengths_B``) prompts, then one streaming step per token; each row continues from its own length.
+    ``lengths_B``) prompts, then one streaming step per token; each row continues from its own length. Tokens are
+    drawn by ``lcjax.models.lm.sample_logits`` (the one sampler of every lcjax ``generate``).
 
     Returns the ``max_new_tokens`` new tokens [B, max_new_tokens]. Memory stays O(W + (L + N) / ratio).
     """
@@ -419,15 +420,7 @@ def generate(
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_k"))
 def _generate(model, prompt_BL, lengths_B, state, rng, *, max_new_tokens, temperature, top_k):
     B = prompt_BL.shape[0]
-
-    def pick(logits_BV, key):
-        if temperature == 0:
-            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        logits_BV = logits_BV / temperature
-        if top_k is not None:
-            kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-            logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
-        return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+    pick = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
 
     logits_BLV, state = model(prompt_BL, lengths_B=lengths_B, state=state)
     last_BV = jnp.take_along_axis(logits_BLV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
