@@ -1,15 +1,22 @@
-"""Context-parallel Mamba-2 pieces == one device: SSD state passing (outputs, final state, gradients) and the conv
-halo, with packed documents (seq_idx) whose boundaries fall both inside shards and exactly on shard boundaries."""
+"""Context-parallel Mamba-2 == one device: the SSD state passing (outputs, final state, gradients; directly and
+through ``ssd(impl="context_parallel")``), the conv halo, and the Mamba2 layer, which switches to them by itself when
+the mesh shards ``act_seq`` (alone, with data and with tensor parallelism). Packed documents (seq_idx) have
+boundaries both inside shards and exactly on shard boundaries."""
+
+import dataclasses
+import re
 
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lcjax import sharding
+from lcjax.layers.mamba2 import Mamba2, Mamba2Config, Mamba2State
 from lcjax.ops import ssd as ssd_ops
 from lcjax.ops.conv import causal_conv1d
 from lcjax.ops.ssd_context_parallel import causal_conv1d_context_parallel, conv_halo, ssd_context_parallel
@@ -46,19 +53,21 @@ def one_device(x, dt, A, B_, C, D, S0, seq, *, impl, with_seq, with_s0):
                        seq_idx_BL=seq if with_seq else None, impl=impl)
 
 
-def sharded(x, dt, A, B_, C, D, S0, seq, *, mesh, with_seq, with_s0):
+def sharded(x, dt, A, B_, C, D, S0, seq, *, mesh, with_seq, with_s0, dispatch=False):
     sp, rep = P(None, "ctx"), P()
+    op = ssd_context_parallel if not dispatch else lambda *a, **kw: ssd_ops.ssd(*a, impl="context_parallel", **kw)
 
     def local(x, dt, A, B_, C, D, S0, seq):
-        return ssd_context_parallel(x, dt, A, B_, C, axis_name="ctx", chunk_size=4, D_H=D,
-                                    initial_state_BHPN=S0 if with_s0 else None, seq_idx_BL=seq if with_seq else None)
+        return op(x, dt, A, B_, C, axis_name="ctx", chunk_size=4, D_H=D, initial_state_BHPN=S0 if with_s0 else None,
+                  seq_idx_BL=seq if with_seq else None)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(sp, sp, rep, sp, sp, rep, rep, sp), out_specs=(sp, rep),
                          check_vma=False)(x, dt, A, B_, C, D, S0, seq)
 
 
-@pytest.mark.parametrize("n,with_seq,with_s0,impl", [(4, True, True, "chunked"), (8, False, False, "naive")])
-def test_ssd_context_parallel_equals_one_device(n, with_seq, with_s0, impl):
+@pytest.mark.parametrize("n,with_seq,with_s0,impl,dispatch", [(4, True, True, "chunked", False),
+                                                               (8, False, False, "naive", True)])  # fmt: skip
+def test_ssd_context_parallel_equals_one_device(n, with_seq, with_s0, impl, dispatch):
     a = ssd_inputs(n)
     seq = jnp.asarray(SEQ)
     want = _grads(one_device, {k: jnp.asarray(v) for k, v in a.items()}, seq, impl=impl, with_seq=with_seq,
@@ -68,7 +77,8 @@ def test_ssd_context_parallel_equals_one_device(n, with_seq, with_s0, impl):
     with jax.set_mesh(mesh):
         put = {k: jax.device_put(v, sp if v.ndim >= 3 and v.shape[1] == L else NamedSharding(mesh, P()))
                for k, v in a.items()}  # fmt: skip
-        got = _grads(sharded, put, jax.device_put(seq, sp), mesh=mesh, with_seq=with_seq, with_s0=with_s0)
+        got = _grads(sharded, put, jax.device_put(seq, sp), mesh=mesh, with_seq=with_seq, with_s0=with_s0,
+                     dispatch=dispatch)  # fmt: skip
     for name, g, w in zip(("y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dS0"), got, want):
         if name == "dS0" and not with_s0:
             continue
@@ -137,8 +147,100 @@ def test_bad_inputs():
         ssd_context_parallel(*args, axis_name=None, chunk_size=4, seq_idx_BL=jnp.zeros((B, L - 1), jnp.int32))
     with pytest.raises(ValueError, match="axis_name"):
         ssd_context_parallel(*args, axis_name=7, chunk_size=4)
+    with pytest.raises(ValueError, match="axis_name.*only impl='context_parallel'"):
+        ssd_ops.ssd(*args, chunk_size=4, impl="chunked", axis_name="ctx")
+    with pytest.raises(ValueError, match="max_state_norm_H"):
+        ssd_ops.ssd(*args, chunk_size=4, impl="context_parallel", axis_name=None, max_state_norm_H=jnp.ones(H))
+    with pytest.raises(ValueError, match="Mamba2Config.impl='context_parallel'"):
+        dataclasses.replace(MIXER, impl="context_parallel")
     with pytest.raises(ValueError, match="must be >= width - 1"):
         conv_halo(a["x"][:, :2], axis_name=None, width=4)
     with sharding.use(sharding.make_mesh(context=8), sharding.ShardingRules.context_parallel()):
         with pytest.raises(ValueError, match="divisible by the context-parallel size 8"):
             causal_conv1d_context_parallel(a["x"][:, :12], jnp.ones((4, H, Pd)), channel_names=("act_heads", None))
+
+
+# ---- the Mamba2 layer -------------------------------------------------------------------------------------------
+MIXER = Mamba2Config(d_model=16, d_state=4, head_dim=8, n_groups=2, chunk_size=4)  # H = 4, E = 32
+CP = sharding.ShardingRules.context_parallel()
+
+
+def mixer(mesh=None, seed=0) -> Mamba2:
+    """Random weights drawn by numpy into ``nnx.eval_shape``'s skeleton, placed by their logical names under a mesh."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Mamba2(MIXER, rngs=nnx.Rngs(0))))
+    r = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(getattr(path[0], "key", ""))
+        if name == "A_log":
+            v = np.log(r.uniform(1.0, 16.0, leaf.shape))
+        elif name == "dt_bias":
+            dt = np.exp(r.uniform(np.log(1e-3), np.log(1e-1), leaf.shape))
+            v = dt + np.log(-np.expm1(-dt))
+        else:
+            v = (1.0 if name == "norm" else 0.0) + 0.3 * r.normal(size=leaf.shape)
+        v = jnp.asarray(v, leaf.dtype)
+        return v if mesh is None else jax.device_put(v, NamedSharding(mesh, leaf.sharding.spec))
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+
+
+def layer_inputs(L, seed=1):
+    """x, packed document ids (boundaries at 9, 20 and L/2: inside shards and on a shard start), a random state."""
+    r = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)  # noqa: E731
+    seq = jnp.asarray([np.repeat([0, 1, 2], [9, 11, L - 20]), np.repeat([0, 1], [L // 2, L - L // 2])], jnp.int32)
+    shapes = [(2, 3, 4, 8), (2, 3, 2, 4), (2, 3, 2, 4), (2, 4, 8, 4)]  # conv_x, conv_B, conv_C, ssm
+    return f(2, L, 16), seq, Mamba2State(*(f(*s) for s in shapes))
+
+
+forward = jax.jit(lambda m, x, seq, state: m(x, seq_idx_BL=seq, state=state))
+
+
+def per_device_dims(compiled_text: str) -> set[int]:
+    """Every dimension of every per-device array shape in a compiled (SPMD-partitioned) HLO module."""
+    return {int(d) for shape in re.findall(r"\[([\d,]+)\]", compiled_text) for d in shape.split(",") if d}
+
+
+@pytest.mark.parametrize("mesh_shape,rules", [
+    (dict(context=8), CP),
+    (dict(data=2, context=4), CP),
+    (dict(context=4, tensor=2), CP | sharding.ShardingRules.tp()),
+])  # fmt: skip
+def test_mamba2_layer_context_parallel_equals_one_device(mesh_shape, rules):
+    """Outputs and the final state (SSM state and conv histories) from a random initial state, with packed
+    documents. The compiled program never holds the whole sequence on one device (no per-device shape has the
+    global length L = 40) and the conv halo is a collective-permute. (Gradients: the LM test, tests/
+    test_context_parallel_lm.py, and the op test above.)"""
+    L = 40
+    x, seq, state = layer_inputs(L)
+    y_1, new_1 = forward(mixer(), x, seq, state)
+    mesh = sharding.make_mesh(**mesh_shape)
+    with sharding.use(mesh, rules):
+        m_n, seq_n = mixer(mesh), sharding.shard(seq, "act_batch", "act_seq")
+        compiled = forward.lower(m_n, x, seq_n, state).compile().as_text()
+        y, new = forward(m_n, x, seq_n, state)
+    assert L not in per_device_dims(compiled) and "collective-permute" in compiled
+    np.testing.assert_allclose(y, y_1, **F32_SHARDED)
+    for name, a, b in zip(Mamba2State._fields, new, new_1):
+        np.testing.assert_allclose(a, b, **F32_SHARDED, err_msg=name)
+
+
+def test_mamba2_layer_gathers_when_the_sequence_cannot_be_split():
+    """L = 36 on 8 context shards (not divisible) and decoding steps: the sequence is gathered (documented fallback,
+    as in the attention layer) and the results equal one device."""
+    L = 36
+    x, seq, state = layer_inputs(L)
+    m = mixer()
+    y_1, new_1 = forward(m, x, seq, state)
+    step = jax.jit(lambda m, x, state: m.step(x, state))
+    ys_1, s_1 = step(m, x[:, 0], new_1)
+    mesh = sharding.make_mesh(context=8)
+    with sharding.use(mesh, CP):
+        m_n = mixer(mesh)
+        compiled = forward.lower(m_n, x, seq, state).compile().as_text()
+        y, new = forward(m_n, x, seq, state)
+        ys, s = step(m_n, x[:, 0], new)
+    assert L in per_device_dims(compiled)
+    for a, b in zip((y, *new, ys, *s), (y_1, *new_1, ys_1, *s_1)):
+        np.testing.assert_allclose(a, b, **F32_SHARDED)

@@ -15,8 +15,15 @@ per piece, in its natural shape, under the HF names: ``in_proj.{z,x,B,C,dt}`` (D
 shard over ``heads`` (tensor parallel); the B/C groups are replicated (they are small). ``lcjax/convert/mamba2.py``
 splits and joins HF's arrays.
 
-Under a mesh the SSD runs in ``sharding.shard_map`` over batch and heads; the sequence axis is gathered inside the
-mixer (the context-parallel SSD is a separate ``impl``).
+Under a mesh the SSD runs in ``sharding.shard_map`` over batch and heads. Context parallelism (rules preset
+``context_parallel``: the mesh shards ``act_seq``) switches the mixer to sequence-parallel SSD by itself
+(``lcjax/ops/ssd_context_parallel.py``): every device keeps its contiguous slice of the sequence from in_proj to
+out_proj; the causal conv gets the previous shard's last W-1 inputs (one ``ppermute``) and the SSD passes
+per-shard (final state, total decay) pairs (one ``all_gather`` of O(B·H·P·N), independent of L). It composes with
+batch (data/fsdp) and heads (tensor) sharding. The sequence is gathered instead (the result is the same, the
+memory is not) when the sequence is not contiguous-sharded evenly: L not divisible by the context size, a shard
+shorter than d_conv - 1 (decoding ``step`` included), or calibrated state clipping (``state_norm``, not affine in
+the entering state). This matches the attention layer, which also falls back to gathering keys/values there.
 
 Long-context options (``LongContextConfig``, all off by default; off == bit-identical to the plain mixer):
 "Stuffed Mamba" (Chen et al., arXiv 2410.07145, thunlp/stuffed-mamba): A, Δ, dt_bias, decay and B multipliers and
@@ -41,6 +48,7 @@ from flax import nnx
 from lcjax import sharding
 from lcjax.ops import conv as conv_ops
 from lcjax.ops import ssd as ssd_ops
+from lcjax.ops import ssd_context_parallel as ssd_cp
 from lcjax.ops.ssd import Impl, _validated_by
 from lcjax.typing import Array, Float, Int
 
@@ -156,7 +164,10 @@ class Mamba2Config:
         try:
             object.__setattr__(self, "impl", Impl(self.impl))
         except ValueError:
-            raise ValueError(f"Mamba2Config.impl={self.impl!r}; allowed: {[i.value for i in Impl]}") from None
+            raise ValueError(f"Mamba2Config.impl={self.impl!r}; allowed: 'naive', 'chunked'") from None
+        if self.impl is Impl.CONTEXT_PARALLEL:
+            raise ValueError("Mamba2Config.impl='context_parallel': the mixer switches to context-parallel SSD by "
+                             "itself when the mesh shards act_seq; allowed: 'naive', 'chunked'")  # fmt: skip
         if not isinstance(self.long_context, LongContextConfig):
             raise ValueError(f"Mamba2Config.long_context must be a LongContextConfig, got {self.long_context!r}")
         object.__setattr__(self, "dt_limit", (float(lo), float(hi)))
@@ -273,10 +284,20 @@ class Mamba2(nnx.Module):
             conv_C=jnp.zeros((batch, W, G, N), dtype), ssm=jnp.zeros((batch, H, P, N), jnp.float32),
         )  # fmt: skip
 
-    def _project(self, x_BLD, state: Mamba2State, seq_idx_BL):
-        """in_proj, causal conv + silu, Δ: (z, x, B, C, Δ, conv histories), Δ in float32."""
+    def _seq_axis(self, L: int, clipping: bool) -> str | None:
+        """``"act_seq"`` when the mixer runs sequence-parallel (see the module docstring), else None (gathered)."""
+        n = sharding.axis_size("act_seq")
+        if n == 1 or L % n or L // n < self.cfg.d_conv - 1 or clipping:
+            return None
+        return "act_seq"
+
+    def _project(self, x_BLD, state: Mamba2State, seq_idx_BL, seq: str | None = None):
+        """in_proj, causal conv + silu, Δ: (z, x, B, C, Δ, conv histories), Δ in float32.
+
+        ``seq``: the sequence axis name of the activations (``_seq_axis``); "act_seq" runs the context-parallel conv.
+        """
         cfg, lc, dt = self.cfg, self.cfg.long_context, x_BLD.dtype
-        act = lambda *names: ("act_batch", None, *names)  # sequence gathered inside the mixer
+        act = lambda *names: ("act_batch", seq, *names)
         read = lambda var: sharding.read(var, dt)
         heads, groups = act("act_heads", None), act(None, None)
         if sharding.axis_size("act_heads") == 1:
@@ -303,6 +324,12 @@ class Mamba2(nnx.Module):
 
         def conv(key, u, history):
             bias = read(self.conv1d_bias[key]) if cfg.conv_bias else None
+            if seq is not None:  # each sequence shard also gets the previous shard's last W-1 inputs (its halo)
+                y, new_history = ssd_cp.causal_conv1d_context_parallel(
+                    u, read(self.conv1d[key]), bias, channel_names=("act_heads" if key == "x" else None, None),
+                    history_BWE=history, seq_idx_BL=seq_idx_BL,
+                )  # fmt: skip
+                return jax.nn.silu(y), new_history
             y, new_history = conv_ops.causal_conv1d(u, read(self.conv1d[key]), bias, history_BWE=history,
                                                     seq_idx_BL=seq_idx_BL)  # fmt: skip
             return jax.nn.silu(y), new_history
@@ -336,8 +363,8 @@ class Mamba2(nnx.Module):
             return None
         return sharding.read(self.state_norm_max, jnp.float32)
 
-    def _output(self, y_BLHP, z_BLHP) -> Float[Array, "B L D"]:
-        """Gated RMSNorm per group (float32), then out_proj."""
+    def _output(self, y_BLHP, z_BLHP, seq: str | None = None) -> Float[Array, "B L D"]:
+        """Gated RMSNorm per group (float32), then out_proj (the result sequence-sharded whenever L allows)."""
         cfg, dt = self.cfg, z_BLHP.dtype
         Bsz, L, H, P = y_BLHP.shape
         G = cfg.n_groups
@@ -350,9 +377,9 @@ class Mamba2(nnx.Module):
             # that it holds for any split of the heads over devices (a reshape H -> (G, H/G) would not).
             member_HG = jnp.asarray(np.arange(H)[:, None] // (H // G) == np.arange(G)[None, :], jnp.float32)
             sq_BLH = jnp.sum(jnp.square(y_BLHP), axis=-1)
-            ms_BLG = sharding.einsum("BLH,HG->BLG", sq_BLH, member_HG, out=("act_batch", None, None)) / (H // G * P)
+            ms_BLG = sharding.einsum("BLH,HG->BLG", sq_BLH, member_HG, out=("act_batch", seq, None)) / (H // G * P)
             rstd_BLH = sharding.einsum("BLG,HG->BLH", jax.lax.rsqrt(ms_BLG + cfg.norm_eps), member_HG,
-                                       out=("act_batch", None, "act_heads"))  # fmt: skip
+                                       out=("act_batch", seq, "act_heads"))  # fmt: skip
             # Materialised once: the norm-weight gradient then reduces it instead of re-deriving it in the reduction.
             y_BLHP = jax.lax.optimization_barrier(y_BLHP * rstd_BLH[..., None])
             y_BLHP = sharding.read(self.norm, dt)[None, None] * y_BLHP.astype(dt)
@@ -360,19 +387,24 @@ class Mamba2(nnx.Module):
                 y_BLHP = y_BLHP * gate_BLHP.astype(dt)
         else:
             y_BLHP = y_BLHP * gate_BLHP
-        out = ("act_batch", "act_seq", "act_embed")
+        out = ("act_batch", "act_seq" if L % sharding.axis_size("act_seq") == 0 else None, "act_embed")
         y_BLD = sharding.einsum("BLHP,HPD->BLD", y_BLHP.astype(dt), sharding.read(self.out_proj, dt), out=out)
         return y_BLD + sharding.read(self.out_proj_bias, dt)[None, None] if cfg.bias else y_BLD
 
-    def _ssd(self, x_BLHP, delta_BLH, A_H, B_BLGN, C_BLGN, ssm_BHPN, seq_idx_BL, max_norm_H):
-        """``ops.ssd.ssd`` per (batch, heads) shard; B/C groups follow the heads (see ``_groups_for_heads``)."""
+    def _ssd(self, x_BLHP, delta_BLH, A_H, B_BLGN, C_BLGN, ssm_BHPN, seq_idx_BL, max_norm_H, seq=None):
+        """``ops.ssd.ssd`` per (batch, heads) shard; B/C groups follow the heads (see ``_groups_for_heads``).
+
+        With ``seq="act_seq"`` also per sequence shard: ``impl="context_parallel"`` over the mesh axes of act_seq.
+        """
         cfg = self.cfg
         lc = cfg.long_context
         chunk = lc.state_norm_chunk if (lc.state_norm and lc.state_norm_chunk) else cfg.chunk_size
         B_BLGN, C_BLGN, g_spec = _groups_for_heads(B_BLGN, C_BLGN, cfg.num_heads)
         decay_scale_H = self._decay_scale()
 
-        h, bl = ("act_heads",), ("act_batch", None)
+        h, bl = ("act_heads",), ("act_batch", seq)
+        axes = sharding.mesh_axes("act_seq") if seq is not None else ()
+        impl, axis_name = (cfg.impl, None) if not axes else ("context_parallel", axes[0] if len(axes) == 1 else axes)
         arrays = dict(x=x_BLHP, delta=delta_BLH, A=A_H, B=B_BLGN, C=C_BLGN, D=sharding.read(self.D, jnp.float32),
                       S0=ssm_BHPN, seq=seq_idx_BL, scale=decay_scale_H, max_norm=max_norm_H)  # fmt: skip
         specs = dict(x=bl + h + (None,), delta=bl + h, A=h, B=bl + g_spec, C=bl + g_spec, D=h,
@@ -384,7 +416,7 @@ class Mamba2(nnx.Module):
             return ssd_ops.ssd(
                 a["x"], a["delta"], a["A"], a["B"], a["C"], chunk_size=chunk, D_H=a["D"], initial_state_BHPN=a["S0"],
                 seq_idx_BL=a.get("seq"), decay_scale_H=a.get("scale"), max_state_norm_H=a.get("max_norm"),
-                impl=cfg.impl,
+                impl=impl, axis_name=axis_name,
             )  # fmt: skip
 
         fn = sharding.shard_map(local, in_specs=tuple(specs[k] for k in names),
@@ -415,7 +447,9 @@ class Mamba2(nnx.Module):
 
     def _forward(self, x_BLD, seq_idx_BL, state, *, calibrated):
         Bsz, L, _ = x_BLD.shape
-        x_BLD = sharding.shard(x_BLD, "act_batch", None, "act_embed")
+        max_norm_H = self._max_state_norm(calibrated)
+        seq = self._seq_axis(L, clipping=max_norm_H is not None)
+        x_BLD = sharding.shard(x_BLD, "act_batch", seq, "act_embed")
         state = self.init_state(Bsz, x_BLD.dtype) if state is None else state
         state = Mamba2State(
             sharding.shard(state.conv_x, "act_batch", None, "act_heads", None),
@@ -423,11 +457,13 @@ class Mamba2(nnx.Module):
             sharding.shard(state.conv_C, "act_batch", None, None, None),
             sharding.shard(state.ssm, "act_batch", "act_heads", None, None),
         )  # fmt: skip
-        z_BLHP, x_BLHP, B_BLGN, C_BLGN, delta_BLH, hist = self._project(x_BLD, state, seq_idx_BL)
+        if seq_idx_BL is not None:
+            seq_idx_BL = sharding.shard(seq_idx_BL, "act_batch", seq)
+        z_BLHP, x_BLHP, B_BLGN, C_BLGN, delta_BLH, hist = self._project(x_BLD, state, seq_idx_BL, seq)
         delta_BLH = self._longmamba(delta_BLH, L, calibrated)
-        y_BLHP, ssm_BHPN = self._ssd(x_BLHP, delta_BLH, self._A(), B_BLGN, C_BLGN, state.ssm, seq_idx_BL,
-                                     self._max_state_norm(calibrated))  # fmt: skip
-        return self._output(y_BLHP, z_BLHP), Mamba2State(*hist, ssm_BHPN)
+        y_BLHP, ssm_BHPN = self._ssd(x_BLHP, delta_BLH, self._A(), B_BLGN, C_BLGN, state.ssm, seq_idx_BL, max_norm_H,
+                                     seq)  # fmt: skip
+        return self._output(y_BLHP, z_BLHP, seq), Mamba2State(*hist, ssm_BHPN)
 
     @_validated_by(lambda self, x_BD, state: self._check_input(x_BD[:, None] if x_BD.ndim == 2 else x_BD, None, state))
     def step(self, x_BD: Float[Array, "B D"], state: Mamba2State) -> tuple[Float[Array, "B D"], Mamba2State]:

@@ -17,11 +17,11 @@ Implementations (``Impl``):
   stable segment sum); between chunks it is a ``lax.scan`` of the affine map S_k = a_k·S_{k-1} + s_k, so nothing is
   quadratic in L or in the number of chunks. All decays, cumulative sums and states are in float32 (float64 for
   float64 inputs); matmul operands keep the input dtype with float32 accumulation.
-
-Context parallelism (``lcjax/ops/ssd_context_parallel.py``, added separately) needs, per sequence shard, the output
-and final state from a zero state (``ssd_chunked``) and how the shard responds to its entering state, which is
-affine (without state clipping): ``initial_state_decay`` returns the per-token decay d_t with
-y(S0) = y(0) + d_t · (C_t · S0) and the total decay a with final(S0) = a·S0 + final(0).
+* ``context_parallel``: the sequence sharded over a mesh axis (``lcjax/ops/ssd_context_parallel.py``, called inside
+  ``jax.shard_map`` with ``axis_name``). Per sequence shard it needs the output and final state from a zero state
+  (``ssd_chunked``) and how the shard responds to its entering state, which is affine (without state clipping):
+  ``initial_state_decay`` returns the per-token decay d_t with y(S0) = y(0) + d_t · (C_t · S0) and the total decay
+  a with final(S0) = a·S0 + final(0).
 
 Packed sequences: ``seq_idx_BL`` gives each token a document id; a new document starts wherever the id changes
 from one position to the next. Every document then behaves exactly as if run alone from a zero state; the initial
@@ -55,6 +55,7 @@ class Impl(str, enum.Enum):
 
     NAIVE = "naive"  # sequential lax.scan over time: the reference
     CHUNKED = "chunked"  # SSD block decomposition, scan over chunks
+    CONTEXT_PARALLEL = "context_parallel"  # sequence sharded over ``axis_name`` (inside shard_map): state passing
 
 
 # ---- validation -------------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def _check_optional_head_vector(name: str, a, H: int) -> None:
 
 def _check_ssd_args(
     x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, *, chunk_size, D_H=None, initial_state_BHPN=None, seq_idx_BL=None,
-    decay_scale_H=None, max_state_norm_H=None, impl=Impl.CHUNKED,
+    decay_scale_H=None, max_state_norm_H=None, impl=Impl.CHUNKED, axis_name=None,
 ) -> None:  # fmt: skip
     for name, a, rank in (("x_BLHP", x_BLHP, 4), ("dt_BLH", dt_BLH, 3), ("A_H", A_H, 1), ("B_BLGN", B_BLGN, 4),
                           ("C_BLGN", C_BLGN, 4)):  # fmt: skip
@@ -121,9 +122,11 @@ def _check_ssd_args(
         _require(seq_idx_BL.shape == (Bsz, L), f"seq_idx_BL: expected shape (B, L) = {(Bsz, L)}, got "
                                                f"{tuple(seq_idx_BL.shape)}")  # fmt: skip
     try:
-        Impl(impl)
+        impl = Impl(impl)
     except ValueError:
         raise ValueError(f"impl: unknown SSD implementation {impl!r}; allowed: {[i.value for i in Impl]}") from None
+    _require(axis_name is None or impl is Impl.CONTEXT_PARALLEL,
+             f"axis_name={axis_name!r}: only impl='context_parallel' takes a mesh axis, got impl={impl.value!r}")
 
 
 def _acc_dtype(dtype) -> jnp.dtype:
@@ -418,13 +421,26 @@ def ssd(
     decay_scale_H: Float[Array, " H"] | None = None,
     max_state_norm_H: Float[Array, " H"] | None = None,
     impl: Impl | str = Impl.CHUNKED,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
     """The SSD mixer: (y_BLHP in x's dtype, final_state_BHPN in float32). See the module docstring.
 
     ``dt_BLH`` is the positive step Δ (softplus and dt_bias already applied), ``A_H`` negative. Heads share B and C
     within a group: group g serves heads [g·H/G, (g+1)·H/G). ``D_H`` adds the skip D_h·x_t. With ``seq_idx_BL``
     the initial state feeds the first document only and the final state is the last document's.
+
+    ``impl="context_parallel"`` (call inside ``jax.shard_map``; the arrays are this device's sequence shard):
+    ``lcjax.ops.ssd_context_parallel.ssd_context_parallel`` over the mesh axis ``axis_name`` (chunked SSD per
+    shard, then state passing); the final state is the whole sequence's, on every device. It refuses
+    ``max_state_norm_H`` (clipping is not affine in the entering state). Only this impl takes ``axis_name``.
     """
+    if Impl(impl) is Impl.CONTEXT_PARALLEL:
+        from lcjax.ops import ssd_context_parallel as cp  # late: that module builds on this one
+
+        return cp.ssd_context_parallel(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, axis_name=axis_name,
+                                       chunk_size=chunk_size, D_H=D_H, initial_state_BHPN=initial_state_BHPN,
+                                       seq_idx_BL=seq_idx_BL, decay_scale_H=decay_scale_H,
+                                       max_state_norm_H=max_state_norm_H)  # fmt: skip
     fn = {Impl.NAIVE: ssd_naive, Impl.CHUNKED: ssd_chunked}[Impl(impl)]
     return fn(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size=chunk_size, D_H=D_H,
               initial_state_BHPN=initial_state_BHPN, seq_idx_BL=seq_idx_BL, decay_scale_H=decay_scale_H,

@@ -16,6 +16,8 @@ exclusive scan ``S_in_0 = S0``, ``S_in_r = a_{r-1}·g_{r-1}·S_in_{r-1} + final_
 starts a new document, so nothing flows into it) and (4) adds the correction ``d_t · (C_t · g_r·S_in_r)``. The
 global final state (the last shard's) is the full fold, identical on every device. Gradients flow through the
 gather and the fold by autodiff (the gather's transpose reduce-scatters them); nothing is O(L) per device.
+``lcjax.ops.ssd.ssd(..., impl="context_parallel", axis_name=...)`` dispatches here; ``lcjax.layers.mamba2``
+switches to it (and to the conv below) by itself when the mesh shards ``act_seq``.
 
 Packed sequences (``seq_idx``): a new document starts wherever the id changes, including between the last token of
 shard r-1 and the first of shard r (``g_r``, from the gathered first/last ids). State clipping
