@@ -4,7 +4,7 @@ Question: when a long input is fed window by window, does the beacon state grow 
 KV cache grows as L) and the time grow about linearly (full attention: quadratically)?
 
 Run (writes experiments/beacon/bench_memory_time.{json,png}):
-    .venv/bin/python experiments/beacon/bench_memory_time.py            # L = 1K .. 64K, several minutes
+    .venv/bin/python experiments/beacon/bench_memory_time.py            # L = 1K .. 64K, about 10 minutes
     .venv/bin/python experiments/beacon/bench_memory_time.py --quick    # smoke run (L = 512, 1K; window 128)
 
 Method: one tiny Llama-style model (2 layers, D=64, 4 heads, 2 kv heads, head dim 16, float32, B=1). Both models
@@ -12,8 +12,9 @@ stream the same tokens in chunks of W=1024 through one jitted call per chunk wit
 model (``BeaconLM``, interleave, fixed ratio) with its ``BeaconState``; full attention (the base ``LM``) with a
 ``KVCache`` of length L (blockwise attention; empty cache tiles are skipped). Memory: the bytes of the state /
 cache after L tokens, and XLA's ``compile().memory_analysis()`` of one chunk call at that size (arguments +
-outputs - aliased + temporaries). Time: the whole stream of L tokens, min over repetitions, the models interleaved
-repetition by repetition.
+outputs - aliased + temporaries). Time: the whole stream of L tokens through the compiled executable, min over
+repetitions (3 up to 16K, ``--long-reps`` above; full attention once at 64K, where one stream takes minutes), the
+models interleaved repetition by repetition.
 """
 
 import argparse
@@ -71,14 +72,15 @@ def make_stream(model, init, window):
             logits, state = m(tokens_BW, state=state)
         return logits[:, -1], state
 
-    def stream(tokens_BL):
-        state = jax.tree.map(jnp.copy, init())  # distinct buffers (KVCache.init shares one zeros array for k and v)
-        for lo in range(0, tokens_BL.shape[1], window):
-            last, state = chunk(params, state, tokens_BL[:, lo : lo + window])
-        return jax.block_until_ready(last)
-
     state = init()
     compiled = chunk.lower(params, state, jnp.zeros((1, window), jnp.int32)).compile()
+
+    def stream(tokens_BL):  # the compiled executable itself: no compilation inside the timed region
+        state = jax.tree.map(jnp.copy, init())  # distinct buffers (KVCache.init shares one zeros array for k and v)
+        for lo in range(0, tokens_BL.shape[1], window):
+            last, state = compiled(params, state, tokens_BL[:, lo : lo + window])
+        return jax.block_until_ready(last)
+
     return compiled, stream, nbytes(state)
 
 
@@ -91,6 +93,7 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--ratios", default="8,32")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--long-reps", type=int, default=2, help="repetitions at L > 16K (full attention: 1 at L > 32K)")
     p.add_argument("--max-full-time-len", type=int, default=65536, help="longest L at which full attention is timed")
     args = p.parse_args()
     W = 128 if args.quick else 1024
@@ -114,12 +117,13 @@ def main():
             compiled, stream, state_b = make_stream(m, lambda m=m: m.init_state(1, L), W)
             runs[f"beacon_r{r}"] = dict(stream=stream, state_bytes=state_b, peak_bytes=peak_bytes(compiled))
         times = {k: [] for k in runs}
-        for name, run in runs.items():  # warm-up (the compiled call above is not the jit cache entry)
-            run["stream"](tokens)
-        reps = args.reps if L <= 16384 else max(1, args.reps - 1)
-        for _ in range(reps):
-            for name, run in runs.items():
-                if name == "full" and L > args.max_full_time_len:
+        if L <= 4096:  # warm-up where a run is short enough for first-call effects to matter
+            for run in runs.values():
+                run["stream"](tokens)
+        reps = args.reps if L <= 16384 else args.long_reps
+        for rep in range(reps):
+            for name, run in runs.items():  # interleaved: every model once per repetition
+                if name == "full" and (L > args.max_full_time_len or (L > 32768 and rep > 0)):
                     continue
                 t0 = time.perf_counter()
                 run["stream"](tokens)
@@ -143,7 +147,18 @@ def main():
             state_slope=fit_slope(Ls, st), peak_slope=fit_slope(Ls, [row[name]["peak_bytes"] for row in rows]),
             time_slope=fit_slope(*zip(*tm)) if len(tm) > 1 else None,
             time_slope_upper_half=fit_slope(*zip(*tm[len(tm) // 2 :])) if len(tm) > 2 else None,
+            # linear fits (bytes = a + b * L): b is what each extra token costs
+            state_bytes_per_token=float(np.polyfit(Ls, st, 1)[0]),
+            peak_bytes_per_token=float(np.polyfit(Ls, [row[name]["peak_bytes"] for row in rows], 1)[0]),
+            time_us_per_token={L: 1e6 * t / L for L, t in tm},
         )  # fmt: skip
+    for name in names[1:]:  # full attention / beacon, side by side at each L
+        summary[name]["full_over_beacon"] = {
+            row["L"]: dict(state=row["full"]["state_bytes"] / row[name]["state_bytes"],
+                           peak=row["full"]["peak_bytes"] / row[name]["peak_bytes"],
+                           time=row["full"]["time_s"] / row[name]["time_s"] if row["full"]["time_s"] else None)
+            for row in rows
+        }  # fmt: skip
     result = dict(
         question="beacon streaming vs full attention: state/peak memory and time vs L",
         model=dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, vocab=256, dtype="float32"),
