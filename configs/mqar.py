@@ -27,10 +27,19 @@ from ml_collections.config_dict import placeholder
 
 from lcjax.train.config import parse_arg
 
-# Block type -> LMConfig fields for it. Later block types (mamba2, m2, beacon) add an entry here.
+# Block type -> LMConfig fields for it, from the parsed variant ``a`` (d, heads, seq, ...). At d=64 the
+# mixers have similar sizes: attention and m2 blocks carry a SwiGLU MLP of width 2d, mamba2 blocks (as upstream)
+# none, their mixer being wider (expand 2).
 MODELS = {
-    "attention": lambda d, heads: dict(
-        block_pattern=("attention",), n_heads=heads, mlp_dim=2 * d, attn_impl="reference"
+    "attention": lambda a: dict(block_pattern=("attention",), n_heads=a.heads, mlp_dim=2 * a.d, attn_impl="reference"),
+    "mamba2": lambda a: dict(
+        block_pattern=("mamba2",), n_heads=a.heads, mlp_dim=0,
+        mamba2=dict(d_model=a.d, d_state=64, head_dim=16, chunk_size=min(64, a.seq)),
+    ),
+    "m2": lambda a: dict(block_pattern=("m2",), n_heads=a.heads, mlp_dim=2 * a.d, m2=dict(d_model=a.d, l_max=a.seq)),
+    "m2_monarch": lambda a: dict(
+        block_pattern=("m2",), n_heads=a.heads, mlp_dim=2 * a.d,
+        m2=dict(d_model=a.d, l_max=a.seq, long_conv="causal_monarch"),
     ),
 }
 
@@ -53,7 +62,7 @@ def get_config(arg=None):
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=a.vocab, d_model=a.d, n_layers=a.layers, max_seq_len=a.seq, n_kv_heads=placeholder(int),
-        dtype="float32", param_dtype="float32", scan_layers=False, remat=False, **MODELS[a.model](a.d, a.heads),
+        dtype="float32", param_dtype="float32", scan_layers=False, remat=False, **MODELS[a.model](a),
     ))  # fmt: skip
     c.data = ml_collections.ConfigDict(dict(
         kind="synthetic", task="mqar",
@@ -78,4 +87,5 @@ def get_config(arg=None):
     c.eval_batches = 0
     c.progress_bar = True
     c.inject_nan_at_step = 0
+    c.context_layout = "contiguous"
     return c

@@ -61,4 +61,5 @@ def get_config(arg=None):
     c.eval_batches = 20 if not a.smoke else 2
     c.progress_bar = True
     c.inject_nan_at_step = 0
+    c.context_layout = "contiguous"
     return c

@@ -4,7 +4,7 @@
 
     lcjax train --config configs/mqar.py:seq=64,pairs=4 --workdir runs/mqar [--config.optim.learning_rate=1e-3 ...]
     lcjax eval --workdir runs/mqar
-    lcjax generate --workdir runs/mqar --prompt "5 130 9 200 0 0 9"
+    lcjax generate --workdir runs/mqar --prompt "5 40 9 50 5"
 
 ``python -m lcjax.train --config ... --workdir ...`` is ``lcjax train``.
 """

@@ -140,13 +140,15 @@ def test_mamba2_lm_loss_and_grads_equal_single_device(mesh_shape, m2_batch, m2_s
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32_SHARDED), nnx.state(grads_n), grads_1)
 
 
-def test_mamba2_lm_generate_under_a_mesh_equals_one_device(m2_single_device):
-    """fsdp x tensor: cached prefill (chunked SSD from the carried state) then one recurrent step per token."""
+@pytest.mark.parametrize("axes,rules", [(dict(fsdp=4, tensor=2), "fsdp_tp"), (dict(data=2, context=4), "dp+context_parallel")])
+def test_mamba2_lm_generate_under_a_mesh_equals_one_device(m2_single_device, axes, rules):
+    """Cached prefill (chunked SSD from the carried state) then one recurrent step per token; under context
+    parallelism ``generate`` replicates the sequence (one-token steps cannot be split)."""
     model_1 = m2_single_device[0]
-    prompt = jnp.asarray(np.random.default_rng(2).integers(0, M2_CFG.vocab_size, (4, 6)), jnp.int32)
+    prompt = jnp.asarray(np.random.default_rng(2).integers(0, M2_CFG.vocab_size, (4, 8)), jnp.int32)
     ref = generate(model_1, prompt, max_new_tokens=4)
-    mesh = sharding.make_mesh(fsdp=4, tensor=2)
-    with sharding.use(mesh, sharding.ShardingRules.fsdp_tp()):
+    mesh = sharding.make_mesh(**axes)
+    with sharding.use(mesh, sharding.ShardingRules.from_name(rules)):
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LM(M2_CFG, rngs=nnx.Rngs(0))))
         place = lambda v, a: jax.device_put(v, NamedSharding(mesh, a.sharding.spec))  # noqa: E731
         state = jax.tree.map(place, nnx.state(model_1), abstract)

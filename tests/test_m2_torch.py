@@ -22,11 +22,10 @@ from lcjax.layers import m2_filter
 from lcjax.layers import monarch_mixer as mm
 from lcjax.models.m2_bert import M2BertConfig
 from lcjax.ops import fftconv, monarch
-from tolerances import C64_FFT, F32_GRAD_REL, F32_MODULE, F32_OP, max_rel_err
+from tolerances import C64_FFT, F32_GRAD_REL, F32_MODULE, F32_OP, F64, max_rel_err
 
 pytestmark = pytest.mark.torch
 torch.manual_seed(0)
-F64_REF = 1e-10  # float64 against float64 (not in tests/tolerances.py yet: the notes' "float64 1e-10")
 
 
 # ---- the torch reference, from the formulas -------------------------------------------------------------------
@@ -341,7 +340,7 @@ def test_tiny_m2_bert_end_to_end_from_torch_state_dict():
         model64 = convert.m2_bert_from_state_dict(released(ref64), param_dtype=np.float64)  # torch tensors as is
         for out, want in zip(forward(model64, ids, types), truth):
             assert out.dtype == jnp.float64
-            np.testing.assert_allclose(out, want, rtol=F64_REF, atol=F64_REF)
+            np.testing.assert_allclose(out, want, **F64)
     model = convert.m2_bert_from_state_dict(released(ref))
     for out, want, theirs in zip(forward(model, ids.astype(np.int32), types.astype(np.int32)), truth, torch32):
         ours_err, torch_err = np.max(np.abs(out - want)), np.max(np.abs(theirs - want))

@@ -354,7 +354,13 @@ def generate(
     if total > model.cfg.max_seq_len:
         raise ValueError(f"generate: prompt {L} + max_new_tokens {max_new_tokens} exceeds max_seq_len={model.cfg.max_seq_len}")
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(model, prompt_BL, rng, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+    rules = sharding.current_rules()
+    if sharding.axis_size("act_seq") > 1:
+        # One-token steps cannot be split over the sequence: under context parallelism generation runs with the
+        # sequence replicated (batch, FSDP and tensor sharding as configured).
+        rules = dataclasses.replace(rules, act_seq=())
+    return _generate(model, prompt_BL, rng, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                     rules=rules)  # fmt: skip
 
 
 def sample_logits(
@@ -370,8 +376,14 @@ def sample_logits(
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_k"))
-def _generate(model, prompt_BL, rng, *, max_new_tokens, temperature, top_k):
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "rules"))
+def _generate(model, prompt_BL, rng, *, max_new_tokens, temperature, top_k, rules):
+    with sharding.use_rules(rules):  # static: the trace depends on the rules, so they key the jit cache
+        return _generate_traced(model, prompt_BL, rng, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k)  # fmt: skip
+
+
+def _generate_traced(model, prompt_BL, rng, *, max_new_tokens, temperature, top_k):
     B, L = prompt_BL.shape
     pick = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
 
