@@ -8,7 +8,7 @@ are trained on longer sequences with a per-window ratio mix, and passkey accurac
 
 Run (from the repository root)::
 
-    .venv/bin/python -m lcjax.train.beacon --config configs/beacon.py --out /tmp/beacon.json      # a few minutes
+    .venv/bin/python -m lcjax.train.beacon --config configs/beacon.py --out /tmp/beacon.json      # ~6 min, 2 cores
     .venv/bin/python -m lcjax.train.beacon --config configs/beacon.py:smoke                        # seconds
     .venv/bin/python -m lcjax.train.beacon --config configs/beacon.py:scheme=step_expansion,steps=600
 

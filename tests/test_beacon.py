@@ -27,7 +27,8 @@ def perturb(model, scale=0.05, seed=0):
     state = nnx.state(model, BeaconParam)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+    moved = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(treedef, moved))
     return model
 
 
@@ -278,9 +279,9 @@ def assert_beacon_only_grads(grads):
 
 
 def test_gradients_only_on_beacon_params_and_through_memory(base):
-    """v1 (the interleave case is in the sharding test): every base gradient is exactly 0; raw tokens never see their
-    own window's beacons, so a loss on window 1 gives zero beacon gradients, and a loss on window 2 reaches them
-    only through window 1's beacon memory."""
+    """v1 (interleave: the slow sharding test and the torch test): every base gradient is exactly 0; raw tokens
+    never see their own window's beacons, so a loss on window 1 gives zero beacon gradients, and a loss on window 2
+    reaches them only through window 1's beacon memory."""
     B, L = 2, 24
     t = toks((B, L + 1), seed=6)
     m = make(base, scheme="step_expansion", beacon_params=("q", "k", "v", "o"))
@@ -338,6 +339,7 @@ def test_sample_ratios_mixes():
         train_lib.sample_ratios(adapt, key, lengths, 2)
 
 
+@pytest.mark.slow  # two SPMD compiles of a beacon forward + backward (about 20-25 s on 2 shared cores)
 def test_sharded_loss_and_grads_equal_single_device():
     """Interleave, padded batch: base gradients are exactly 0 and beacon ones not; fsdp_tp on 8 devices (batch over
     fsdp, heads/vocab over tensor): beacon params are born sharded like the base ones, and the loss and every

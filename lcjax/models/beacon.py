@@ -117,7 +117,9 @@ class BeaconLM(nnx.Module):
         if lm_cfg.scan_layers:
             raise ValueError("add_beacons: base LMConfig.scan_layers must be False (layers are run one by one)")
         if lm_cfg.window is not None:
-            raise ValueError(f"add_beacons: base LMConfig.window={lm_cfg.window}: sliding-window bases are not supported")
+            raise ValueError(
+                f"add_beacons: base LMConfig.window={lm_cfg.window}: sliding-window bases are not supported"
+            )
         cfg.check_model(lm_cfg.max_seq_len)
         self.cfg = cfg
         self.base = base
@@ -384,9 +386,9 @@ def add_beacons(base_lm: LM, cfg: BeaconConfig, *, rngs: nnx.Rngs) -> BeaconLM:
 # Generation
 # ---------------------------------------------------------------------------------------------------------------
 def generate(
-    model: BeaconLM, prompt_BL: Int[ArrayLike, "B L"], *, max_new_tokens: int, lengths_B: Int[ArrayLike, " B"] | None = None,
-    ratios_BN: Int[ArrayLike, "B N"] | None = None, temperature: float = 0.0, top_k: int | None = None,
-    rng: jax.Array | None = None,
+    model: BeaconLM, prompt_BL: Int[ArrayLike, "B L"], *, max_new_tokens: int,
+    lengths_B: Int[ArrayLike, " B"] | None = None, ratios_BN: Int[ArrayLike, "B N"] | None = None,
+    temperature: float = 0.0, top_k: int | None = None, rng: jax.Array | None = None,
 ) -> Int[Array, "B new"]:  # fmt: skip
     """Greedy (``temperature=0``) or sampled continuation through the beacon state: prefill of the (right-padded,
     ``lengths_B``) prompts, then one streaming step per token; each row continues from its own length. Tokens are
@@ -405,7 +407,9 @@ def generate(
         raise ValueError(f"generate: top_k={top_k} must be in [1, vocab_size={vocab}]")
     prompt_BL = jnp.asarray(prompt_BL)
     if prompt_BL.ndim != 2 or not jnp.issubdtype(prompt_BL.dtype, jnp.integer):
-        raise ValueError(f"generate: prompt must be an int [batch, length] array, got {prompt_BL.dtype}{prompt_BL.shape}")
+        raise ValueError(
+            f"generate: prompt must be an int [batch, length] array, got {prompt_BL.dtype}{prompt_BL.shape}"
+        )
     B, L = prompt_BL.shape
     lengths_B = jnp.full((B,), L, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
     lengths = _concrete(lengths_B)

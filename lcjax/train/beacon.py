@@ -69,7 +69,9 @@ def sample_ratios(
     if m is None:  # BeaconConfig validates the mix; this guards direct misuse
         raise ValueError(f"sample_ratios: unknown BeaconConfig.ratio_mix={mix!r}")
     if max_positions is None:
-        raise ValueError(f"sample_ratios: ratio_mix={mix!r} needs max_positions (the base model's LMConfig.max_seq_len)")
+        raise ValueError(
+            f"sample_ratios: ratio_mix={mix!r} needs max_positions (the base model's LMConfig.max_seq_len)"
+        )
     candidates = jnp.asarray(sorted(r for r in cfg.train_ratios if r > 0) or [max(cfg.train_ratios)], jnp.int32)
     W = cfg.window
     fits_BC = (max_positions - W) * candidates[None, :] + W >= lengths_B[:, None] + int(m.group(1))
@@ -205,7 +207,8 @@ def pretrain_lm(
             raise FloatingPointError(f"pretrain_lm: non-finite loss {metrics['loss']} at step {i}")
         history.append(metrics)
         if log_every and (i % log_every == 0 or i == steps - 1):
-            log(f"base step {i:5d}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}  {metrics['time_s']:.1f}s")
+            m = metrics
+            log(f"base step {i:5d}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  {m['time_s']:.1f}s")
     return nnx.merge(graphdef, params, rest), history
 
 
@@ -240,7 +243,8 @@ def passkey_accuracy(
             counts["far_examples"] += int(far.sum())
             counts["far_digits"] += int(mask[far].sum())
             counts["far_right"] += int(right[far].sum())
-    out = {"digit_accuracy": counts["right"] / counts["digits"], "example_accuracy": counts["examples_right"] / num_examples,
+    out = {"digit_accuracy": counts["right"] / counts["digits"],
+           "example_accuracy": counts["examples_right"] / num_examples,
            "digit_accuracy_by_position": (by_position / num_examples).tolist()}  # fmt: skip
     if window is not None:
         near_digits = counts["digits"] - counts["far_digits"]
