@@ -5,7 +5,7 @@ when the context grows; after adding beacons (window 32) and training only the b
 sequences, how well does it retrieve the passkey at 64..1024 tokens, at each compression ratio?
 
 Run (writes experiments/beacon/passkey.{json,png}; the setup is ``configs/beacon.py``):
-    .venv/bin/python experiments/beacon/passkey.py                 # CPU, about half an hour on a shared machine
+    .venv/bin/python experiments/beacon/passkey.py                 # CPU, 15 min on the shared 2-core machine
     .venv/bin/python experiments/beacon/passkey.py --quick         # smoke run (configs/beacon.py:smoke)
 
 Two tasks: a 1-digit passkey (a single-token retrieval) and the usual 4-digit one. For each, the base is pretrained
@@ -45,6 +45,8 @@ def main():
     p.add_argument("--steps", type=int, default=0, help="beacon training steps (default: the config's)")
     p.add_argument("--base-steps", type=int, default=0)
     p.add_argument("--digits", default="1,4")
+    p.add_argument("--variants", default="v2,v1", help="which beacon variants to train: v2 (interleave), v1")
+    p.add_argument("--out", default="", help="output name stem (default passkey / passkey_quick)")
     args = p.parse_args()
     load_start, t_start = os.getloadavg(), time.perf_counter()
     out = {"tasks": {}}
@@ -57,6 +59,8 @@ def main():
         print(f"== {digits} digits: base", json.dumps({L: r["digit_accuracy"] for L, r in task["base"].items()}))
         task["variants"] = {}
         for name, overrides in VARIANTS.items():
+            if name.split()[0] not in args.variants.split(","):
+                continue
             c = config.copy_and_resolve_references()
             c.beacon.update(overrides)
             print(f"== {digits} digits: {name}", flush=True)
@@ -64,9 +68,18 @@ def main():
         out["tasks"][digits] = task
     out |= dict(wall_s=time.perf_counter() - t_start, load_average_start=load_start, load_average_end=os.getloadavg(),
                 versions=dict(python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__))
-    suffix = "_quick" if args.quick else ""
-    (OUT_DIR / f"passkey{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
-    plot(out, OUT_DIR / f"passkey{suffix}.png")
+    thin(out)
+    stem = args.out or ("passkey_quick" if args.quick else "passkey")
+    (OUT_DIR / f"{stem}.json").write_text(json.dumps(out, indent=1, default=str))
+    plot(out, OUT_DIR / f"{stem}.png")
+
+
+def thin(out, every=10):
+    """Keep every ``every``-th step (and the last) of the training histories, so the JSON stays small."""
+    for task in out["tasks"].values():
+        task["base_history"] = task["base_history"][::every] + task["base_history"][-1:]
+        for res in task["variants"].values():
+            res["beacon_history"] = res["beacon_history"][::every] + res["beacon_history"][-1:]
 
 
 def plot(out, path):
@@ -75,19 +88,18 @@ def plot(out, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = out["tasks"]
-    fig, axes = plt.subplots(len(tasks), len(VARIANTS), figsize=(6 * len(VARIANTS), 4 * len(tasks)), sharey=True,
-                             squeeze=False)  # fmt: skip
+    tasks = json.loads(json.dumps(out, default=str))["tasks"]  # string keys, as when replotting a saved JSON
+    n_cols = max(len(task["variants"]) for task in tasks.values())
+    fig, axes = plt.subplots(len(tasks), n_cols, figsize=(6 * n_cols, 4 * len(tasks)), sharey=True, squeeze=False)
     for row, (digits, task) in zip(axes, tasks.items()):
         c = task["config"]
         lengths = [int(n) for n in c["eval"]["lengths"]]
         for ax, (name, res) in zip(row, task["variants"].items()):
-            ax.plot(lengths, [task["base"][L]["digit_accuracy"] for L in lengths], "k-o", label="base, full attention")
+            acc = lambda byL: [byL[str(L)]["digit_accuracy"] for L in lengths]
+            ax.plot(lengths, acc(task["base"]), "k-o", label="base, full attention")
             for i, r in enumerate(c["eval"]["ratios"]):
-                ax.plot(lengths, [res["beacon"][r][L]["digit_accuracy"] for L in lengths], "-o", color=f"C{i}",
-                        label=f"beacons trained, r={r}")  # fmt: skip
-                ax.plot(lengths, [res["beacon_init"][r][L]["digit_accuracy"] for L in lengths], ":", color=f"C{i}",
-                        label=f"beacons untrained, r={r}")  # fmt: skip
+                ax.plot(lengths, acc(res["beacon"][str(r)]), "-o", color=f"C{i}", label=f"beacons trained, r={r}")
+                ax.plot(lengths, acc(res["beacon_init"][str(r)]), ":", color=f"C{i}", label=f"beacons untrained, r={r}")
             ax.axvline(c["model"]["max_seq_len"], color="gray", lw=0.8, ls="--")
             ax.axhline(0.1, color="gray", lw=0.8, ls=":")
             ax.set_xscale("log", base=2)
@@ -99,8 +111,9 @@ def plot(out, path):
         row[0].set_ylabel("digit accuracy (teacher forced)")
     axes[0][0].legend(fontsize=7)
     c = next(iter(tasks.values()))["config"]
-    fig.suptitle(f"Passkey retrieval: base trained on {c['model']['max_seq_len']} tokens (dashed line); beacon window "
-                 f"{c['beacon']['window']}, beacons trained {c['train']['steps']} steps on {c['data']['seq_len']} tokens")
+    fig.suptitle(f"Passkey retrieval: base trained on {c['model']['max_seq_len']} tokens (dashed line); beacon "
+                 f"window {c['beacon']['window']}, beacons trained {c['train']['steps']} steps on "
+                 f"{c['data']['seq_len']} tokens")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
