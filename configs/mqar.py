@@ -13,10 +13,11 @@ Variant keys (``configs/mqar.py:key=value,...``): ``seq`` (sequence length T), `
 ``steps``, ``lr``, ``mesh`` (a ``ShardingRules`` preset: dp, fsdp, fsdp_tp, ...) and ``smoke`` (a tiny model for a
 few steps). Anything else: ``--config.<key>=<value>`` overrides, e.g. ``--config.optim.warmup_steps=50``.
 
-Task setting of the defaults (``configs/default.py``, ``make train``): T=64, K=4 (Zoology's smallest cell) with
-V=64 instead of 8192 and zero filler; loss and accuracy at the K query positions only, accuracy = the fraction of
-answers right. The attention LM (2 layers, d_model 64, 2 heads, 90k parameters) at batch 32, lr 1e-3 reaches
-held-out accuracy >= 0.99 by step 1250 and 0.998-1.0 at step 1500 for seeds 0-3 (about 100 s of CPU time).
+Task setting of the defaults (``configs/default.py``, ``make train``, which picks ``model=mamba2,lr=0.02,steps=1000``;
+see its docstring): T=64, K=4 (Zoology's smallest cell) with V=64 instead of 8192 and zero filler; loss and accuracy
+at the K query positions only, accuracy = the fraction of answers right. The attention LM (2 layers, d_model 64,
+2 heads, 90k parameters) at batch 32, lr 1e-3 reaches held-out accuracy >= 0.99 by step 1250 and 0.998-1.0 at step
+1500 for seeds 0-3 (about 100 s of CPU time).
 Vocabulary and learning rate decide the CPU budget (same model, batch 32): at V=128 accuracy is 0.40 at step 1000
 and 0.80 at step 1500; at V=256 it stays at the 1/K plateau (0.25) for 800 steps (and for 2000 steps at batch 64,
 lr 3e-3); at V=64 with lr 3e-3, two seeds of four escape the plateau by step 250 and two are still on it at 750.

@@ -46,7 +46,8 @@ def test_the_trainer_configs_are_found():
 def test_default_config_is_the_mqar_job():
     cfg = ExperimentConfig.from_config(config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py")))
     assert cfg.data.task.name == "mqar_L64_K4_V64_a0.01_zeros"
-    assert cfg.model.block_pattern == ("attention",)
+    assert cfg.model.block_pattern == ("mamba2",) and cfg.model.mamba2.d_state == 64
+    assert (cfg.num_steps, cfg.optim.learning_rate) == (1000, 0.02)
 
 
 def test_parse_arg_types_and_flags():

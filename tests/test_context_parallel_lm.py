@@ -140,7 +140,10 @@ def test_mamba2_lm_loss_and_grads_equal_single_device(mesh_shape, m2_batch, m2_s
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32_SHARDED), nnx.state(grads_n), grads_1)
 
 
-@pytest.mark.parametrize("axes,rules", [(dict(fsdp=4, tensor=2), "fsdp_tp"), (dict(data=2, context=4), "dp+context_parallel")])
+MESHES = [(dict(fsdp=4, tensor=2), "fsdp_tp"), (dict(data=2, context=4), "dp+context_parallel")]
+
+
+@pytest.mark.parametrize("axes,rules", MESHES)
 def test_mamba2_lm_generate_under_a_mesh_equals_one_device(m2_single_device, axes, rules):
     """Cached prefill (chunked SSD from the carried state) then one recurrent step per token; under context
     parallelism ``generate`` replicates the sequence (one-token steps cannot be split)."""

@@ -1,4 +1,4 @@
-"""The README's "own model" snippet runs exactly as written."""
+"""The README's snippets run exactly as written."""
 
 import pathlib
 import re
@@ -17,3 +17,7 @@ def test_own_model_snippet_runs():
     code = snippet("own-model")
     assert 8 <= len(code.strip().splitlines()) <= 20
     exec(compile(code, "README.md:own-model", "exec"), {})
+
+
+def test_beacon_snippet_runs():
+    exec(compile(snippet("beacon"), "README.md:beacon", "exec"), {})
