@@ -8,9 +8,6 @@ Reference: transformers 5.23.0 ``models/llama/modeling_llama.py`` and ``configur
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lcjax.convert import read_hf_dir
 from lcjax.models.lm import LM, LMConfig
 from lcjax.ops import rope as rope_ops
 
@@ -147,17 +145,8 @@ def llama_from_hf(hf_model: Any, **overrides) -> LM:
 
 def llama_from_pretrained_dir(path: str, **overrides) -> LM:
     """Load a local HF checkpoint directory (``config.json`` + ``*.safetensors``), never unpickling."""
-    from safetensors.numpy import load_file
-
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = config_from_hf(json.load(f), **overrides)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ValueError(f"llama_from_pretrained_dir: no *.safetensors files in {path!r}")
-    state_dict: dict[str, np.ndarray] = {}
-    for file in files:
-        state_dict.update(load_file(file))
-    return llama_from_state_dict(state_dict, cfg)
+    config, state_dict = read_hf_dir(path, caller="llama_from_pretrained_dir")
+    return llama_from_state_dict(state_dict, config_from_hf(config, **overrides))
 
 
 def llama_to_state_dict(model: LM) -> dict[str, np.ndarray]:

@@ -28,10 +28,7 @@ Reference: transformers 5.23.0 ``models/mamba2/{configuration,modeling}_mamba2.p
 
 from __future__ import annotations
 
-import glob
-import json
 import math
-import os
 import types
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lcjax.convert import read_hf_dir
 from lcjax.layers.mamba2 import Mamba2, Mamba2Config
 from lcjax.models.lm import LM, LMConfig
 
@@ -300,17 +298,8 @@ def mamba2_from_hf(hf_model: Any, **overrides) -> LM:
 
 def mamba2_from_pretrained_dir(path: str, **overrides) -> LM:
     """Load a local HF-format checkpoint directory (``config.json`` + ``*.safetensors``), never unpickling."""
-    from safetensors.numpy import load_file
-
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = config_from_hf(json.load(f), **overrides)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ValueError(f"mamba2_from_pretrained_dir: no *.safetensors files in {path!r}")
-    state_dict: dict[str, np.ndarray] = {}
-    for file in files:
-        state_dict.update(load_file(file))
-    return mamba2_from_state_dict(state_dict, cfg)
+    config, state_dict = read_hf_dir(path, caller="mamba2_from_pretrained_dir")
+    return mamba2_from_state_dict(state_dict, config_from_hf(config, **overrides))
 
 
 def mamba2_to_state_dict(model: LM) -> dict[str, np.ndarray]:

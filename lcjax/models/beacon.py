@@ -33,7 +33,7 @@ from flax import nnx
 from lcjax import sharding
 from lcjax.layers.beacon import BeaconAttention, BeaconConfig, BeaconParam, ChunkLayout, KeyMask, beacon_param
 from lcjax.layers.beacon import chunk_layout
-from lcjax.models.lm import LM, sample_logits
+from lcjax.models.lm import LM, check_sampling_args, sample_logits
 from lcjax.typing import Array, ArrayLike, Float, Int
 
 __all__ = ["BeaconLM", "BeaconParam", "BeaconState", "add_beacons", "generate"]
@@ -396,15 +396,8 @@ def generate(
 
     Returns the ``max_new_tokens`` new tokens [B, max_new_tokens]. Memory stays O(W + (L + N) / ratio).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature={temperature} must be >= 0")
-    if temperature > 0 and rng is None:
-        raise ValueError("generate: rng is required when temperature > 0")
-    vocab = model.base.cfg.vocab_size
-    if top_k is not None and not 1 <= top_k <= vocab:
-        raise ValueError(f"generate: top_k={top_k} must be in [1, vocab_size={vocab}]")
+    check_sampling_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, rng=rng,
+                        vocab_size=model.base.cfg.vocab_size)  # fmt: skip
     prompt_BL = jnp.asarray(prompt_BL)
     if prompt_BL.ndim != 2 or not jnp.issubdtype(prompt_BL.dtype, jnp.integer):
         raise ValueError(

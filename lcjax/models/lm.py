@@ -340,14 +340,8 @@ def generate(
     decoding step, so the cost per token is independent of how many tokens came before for recurrent blocks and
     linear in the cache for attention blocks.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature={temperature} must be >= 0")
-    if temperature > 0 and rng is None:
-        raise ValueError("generate: rng is required when temperature > 0")
-    if top_k is not None and not 1 <= top_k <= model.cfg.vocab_size:
-        raise ValueError(f"generate: top_k={top_k} must be in [1, vocab_size={model.cfg.vocab_size}]")
+    check_sampling_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, rng=rng,
+                        vocab_size=model.cfg.vocab_size)  # fmt: skip
     prompt_BL = jnp.asarray(prompt_BL)
     B, L = prompt_BL.shape
     total = L + max_new_tokens
@@ -361,6 +355,18 @@ def generate(
         rules = dataclasses.replace(rules, act_seq=())
     return _generate(model, prompt_BL, rng, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                      rules=rules)  # fmt: skip
+
+
+def check_sampling_args(*, max_new_tokens: int, temperature: float, top_k: int | None, rng, vocab_size: int) -> None:
+    """The argument checks every ``generate`` shares (``ValueError`` naming the argument)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature={temperature} must be >= 0")
+    if temperature > 0 and rng is None:
+        raise ValueError("generate: rng is required when temperature > 0")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"generate: top_k={top_k} must be in [1, vocab_size={vocab_size}]")
 
 
 def sample_logits(
