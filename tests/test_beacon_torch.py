@@ -5,9 +5,7 @@ interleaving or appending, additive float 4D masks, separate beacon projections)
 import jax
 import numpy as np
 import pytest
-
 import torch  # never importorskip: a missing install must fail CI, not skip the parity tests
-
 from flax import nnx  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.models.llama.modeling_llama import repeat_kv, rotate_half  # noqa: E402
