@@ -101,7 +101,7 @@ def batch_placer(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: sharding
     e.g. zigzag for causal load balance) is applied on the host, once per batch, then the batch is transferred.
     Losses and accuracies are sums over tokens, so they do not depend on the layout."""
     batch_sharding = _batch_sharding(mesh, rules)
-    n = int(mesh.shape["context"])
+    n = int(np.prod([mesh.shape[a] for a in rules.mesh_axes("act_seq")]))  # sequence shards
 
     def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         if n > 1 and cfg.context_layout != "contiguous":
