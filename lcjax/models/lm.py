@@ -338,7 +338,8 @@ def generate(
 
     Returns the ``max_new_tokens`` new tokens. Prefill runs the whole prompt at once; each new token is one cached
     decoding step, so the cost per token is independent of how many tokens came before for recurrent blocks and
-    linear in the cache for attention blocks.
+    linear in the cache for attention blocks. Under context parallelism (a mesh sharding ``act_seq``) the whole
+    generation runs with the sequence replicated; batch, FSDP and tensor sharding apply as configured.
     """
     check_sampling_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, rng=rng,
                         vocab_size=model.cfg.vocab_size)  # fmt: skip
@@ -349,9 +350,7 @@ def generate(
         raise ValueError(f"generate: prompt {L} + max_new_tokens {max_new_tokens} exceeds max_seq_len={model.cfg.max_seq_len}")
     rng = jax.random.key(0) if rng is None else rng
     rules = sharding.current_rules()
-    if sharding.axis_size("act_seq") > 1:
-        # One-token steps cannot be split over the sequence: under context parallelism generation runs with the
-        # sequence replicated (batch, FSDP and tensor sharding as configured).
+    if sharding.axis_size("act_seq") > 1:  # one-token steps cannot be split over the sequence
         rules = dataclasses.replace(rules, act_seq=())
     return _generate(model, prompt_BL, rng, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                      rules=rules)  # fmt: skip
