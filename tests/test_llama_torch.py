@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch  # never importorskip: a missing install must fail CI, not skip the parity tests
+import transformers
 from flax import nnx  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
