@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -220,6 +222,44 @@ def use(mesh: jax.sharding.Mesh, rules: ShardingRules) -> Iterator[jax.sharding.
     """Set the mesh (``jax.set_mesh``) and the logical rules together."""
     with jax.set_mesh(mesh), use_rules(rules):
         yield mesh
+
+
+def jit(fun: Callable | None = None, **jit_kwargs: Any) -> Callable:
+    """``jax.jit`` whose cache is keyed by the active ``ShardingRules`` as well (use it for functions that read them).
+
+    ``shard``, ``param`` and the context-parallel dispatch read the rules set by ``use``/``use_rules`` while a
+    function is traced. The rules live in a context variable that ``jax.jit``'s cache cannot see (the mesh it does
+    see), so a plain ``jax.jit`` reused under other rules silently replays the trace made under the first ones.
+    ``sharding.jit`` passes the rules active at call time as a hidden static argument and re-enters them inside the
+    trace. It takes ``jax.jit``'s keyword arguments (``static_argnames``, ``donate_argnames``, ...) and works as a
+    decorator with or without them. Users who jit their own functions over lcjax modules under changing rules should
+    use it, or pass the rules as a static argument themselves.
+    """
+    if fun is None:
+        return lambda f: jit(f, **jit_kwargs)
+    sig = inspect.signature(fun)
+    params = list(sig.parameters.values())
+    hidden = inspect.Parameter("_lcjax_rules", inspect.Parameter.KEYWORD_ONLY)
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    params.insert(at, hidden)
+
+    def traced(*args, _lcjax_rules: ShardingRules, **kwargs):
+        with use_rules(_lcjax_rules):
+            return fun(*args, **kwargs)
+
+    traced.__signature__ = sig.replace(parameters=params)
+    traced.__name__ = getattr(fun, "__name__", "jitted")
+    static = jit_kwargs.pop("static_argnames", ())
+    static = (static,) if isinstance(static, str) else tuple(static)
+    jitted = jax.jit(traced, static_argnames=(*static, "_lcjax_rules"), **jit_kwargs)
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        return jitted(*args, _lcjax_rules=current_rules(), **kwargs)
+
+    call.lower = lambda *args, **kwargs: jitted.lower(*args, _lcjax_rules=current_rules(), **kwargs)
+    call.eval_shape = lambda *args, **kwargs: jitted.eval_shape(*args, _lcjax_rules=current_rules(), **kwargs)
+    return call
 
 
 def _abstract_mesh():

@@ -10,7 +10,7 @@ import pytest
 from lcjax import cli
 from lcjax.train import metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE = f"{os.path.join(ROOT, 'configs', 'mqar.py')}:smoke"
 QUIET = ["--config.progress_bar=False", "--config.mesh.num_devices=1"]
 

@@ -10,7 +10,7 @@ from lcjax.models.lm import LMConfig
 from lcjax.train import config as config_lib
 from lcjax.train.config import ExperimentConfig, parse_arg, parse_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _is_trainer_config(path):

@@ -18,7 +18,7 @@ from lcjax.train import config as config_lib
 from lcjax.train import loop, metrics, state
 from tolerances import EXACT, F32_OP, F32_SHARDED
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MQAR = os.path.join(ROOT, "configs", "mqar.py")
 TEXT = os.path.join(ROOT, "configs", "text_bytes.py")
 

@@ -21,7 +21,7 @@ from tolerances import EXACT
 
 pytestmark = pytest.mark.slow  # four training subprocesses (~45 s CPU); runs in CI's first pass, not the tree-mode one
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 24  # checkpoint every 4 steps, metrics every step
 ARGS = [
     f"--config={os.path.join(ROOT, 'configs', 'mqar.py')}:smoke,steps={STEPS}", "--config.progress_bar=False",
