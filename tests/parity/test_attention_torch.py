@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lcjax.ops import attention as A
-from tests.test_attention_ops import CASES, make_inputs
+from tests.ops.test_attention_ops import CASES, make_inputs
 from tests.tolerances import F32_OP
 
 pytestmark = pytest.mark.torch

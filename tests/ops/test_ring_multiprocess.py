@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lcjax.ops import context_parallel as cp
-from tests.test_ring_attention import assert_matches, make_inputs, reference
+from tests.ops.test_ring_attention import assert_matches, make_inputs, reference
 
 pytestmark = pytest.mark.multiprocess
 
