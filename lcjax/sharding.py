@@ -30,6 +30,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from lcjax import checks
+
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "ssm_state", "conv", "layers")
 ACT_AXES = (
@@ -182,8 +184,8 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "fsdp": fsdp, "context": context, "tensor": tensor}
     for name, size in sizes.items():
-        if not isinstance(size, int) or (size < 1 and size != -1):
-            raise ValueError(f"make_mesh: {name}={size!r} must be a positive int or -1")
+        checks.require_int(f"make_mesh: {name}", size, min=-1)
+        checks.require(size != 0, f"make_mesh: {name}=0 must be a positive int or -1")
     rest = [n for n, s in sizes.items() if s == -1]
     if len(rest) > 1:
         raise ValueError(f"make_mesh: only one axis may be -1, got {rest}")

@@ -1,7 +1,10 @@
 """The README's snippets run exactly as written."""
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -21,3 +24,11 @@ def test_own_model_snippet_runs():
 
 def test_beacon_snippet_runs():
     exec(compile(snippet("beacon"), "README.md:beacon", "exec"), {})
+
+
+def test_sharding_snippet_runs_on_eight_devices_and_on_one():
+    code = snippet("sharding")
+    exec(compile(code, "README.md:sharding", "exec"), {})  # conftest: 8 CPU devices
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -124,3 +124,39 @@ def test_module_built_under_mesh_is_sharded():
     with sharding.use(sharding.make_mesh(fsdp=2, tensor=4), ShardingRules.fsdp_tp()):
         m = jax.jit(lambda: Two(nnx.Rngs(0)))()
         assert m.w[...].sharding.spec == P("fsdp", "tensor")
+
+
+def test_make_mesh_rejects_bool_sizes():
+    with pytest.raises(TypeError, match="make_mesh: data must be an int"):
+        sharding.make_mesh(data=True)
+
+
+def test_jit_keys_the_cache_on_the_active_rules():
+    """A function traced under one rule set is retraced (not replayed) under another; jax.jit alone replays."""
+    traces = []
+
+    def f(x, *, scale):
+        traces.append(sharding.current_rules())
+        return sharding.shard(x * scale, "act_batch", "act_seq")
+
+    ours = sharding.jit(f, static_argnames="scale")
+    plain = jax.jit(f, static_argnames="scale")
+    mesh = sharding.make_mesh(data=2, context=4)
+    x = jnp.ones((4, 8))
+    specs = {}
+    for name, fn in (("ours", ours), ("plain", plain)):
+        for rules in (ShardingRules.dp(), ShardingRules.context_parallel(), ShardingRules.dp()):
+            with sharding.use(mesh, rules):
+                specs.setdefault(name, []).append(fn(x, scale=2.0).sharding.spec)
+    assert specs["ours"] == [P("data", None), P("data", "context"), P("data", None)]
+    assert specs["plain"][1] == P("data", None)  # the stale trace that sharding.jit exists to prevent
+    assert len(traces) == 2 + 1  # ours: dp and context_parallel once each (cache hit on the repeat); plain: once
+
+
+def test_jit_as_decorator_keeps_donation_and_lower():
+    @sharding.jit(donate_argnames="x")
+    def g(x, y):
+        return x + y
+
+    np.testing.assert_array_equal(g(jnp.ones(3), jnp.ones(3)), 2 * np.ones(3))
+    assert "add" in g.lower(jnp.ones(3), jnp.ones(3)).as_text()
