@@ -18,9 +18,11 @@ once, fewer collectives, O(L) K/V per device; see ``lcjax/ops/context_parallel.p
 positions and segment ids only, so every layout gives the same loss.
 """
 
+import dataclasses
 import os
 
-from lcjax.train.config import load_config_file, parse_arg
+from lcjax.train.config import MeshConfig
+from lcjax.train.config_io import load_config_file, parse_arg
 
 MQAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mqar.py")
 
@@ -32,8 +34,7 @@ def get_config(arg=None):
     passed = {k: v for k, v in a.items() if k not in ("impl", "layout", "context", "data", "smoke")}
     variant = ",".join(["model=attention", *(["smoke"] if a.smoke else []), *(f"{k}={v}" for k, v in passed.items())])
     c = load_config_file(MQAR, variant)
-    c.model.context_impl = a.impl
-    c.mesh.data, c.mesh.fsdp, c.mesh.context, c.mesh.tensor = a.data, 1, a.context, 1
-    c.sharding = "context_parallel"
-    c.context_layout = a.layout
-    return c
+    return dataclasses.replace(
+        c, model=dataclasses.replace(c.model, context_impl=a.impl), mesh=MeshConfig(data=a.data, context=a.context),
+        sharding="context_parallel", context_layout=a.layout,
+    )  # fmt: skip

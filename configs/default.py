@@ -14,7 +14,7 @@ type is a one-line change of ``VARIANT`` (``model=attention,lr=0.001,steps=1500`
 
 import os
 
-from lcjax.train.config import load_config_file
+from lcjax.train.config_io import load_config_file
 
 VARIANT = "model=mamba2,lr=0.02,steps=1000"
 

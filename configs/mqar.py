@@ -23,10 +23,12 @@ and 0.80 at step 1500; at V=256 it stays at the 1/K plateau (0.25) for 800 steps
 lr 3e-3); at V=64 with lr 3e-3, two seeds of four escape the plateau by step 250 and two are still on it at 750.
 """
 
-import ml_collections
-from ml_collections.config_dict import placeholder
-
-from lcjax.train.config import parse_arg
+from lcjax.data import MQARConfig
+from lcjax.layers.mamba2 import Mamba2Config
+from lcjax.layers.monarch_mixer import M2SequenceMixerConfig
+from lcjax.models.lm import LMConfig
+from lcjax.train.config import ExperimentConfig, OptimConfig, SyntheticDataConfig
+from lcjax.train.config_io import parse_arg
 
 # Block type -> LMConfig fields for it, from the parsed variant ``a`` (d, heads, seq, ...). At d=64 the
 # mixers have similar sizes: attention and m2 blocks carry a SwiGLU MLP of width 2d, mamba2 blocks (as upstream)
@@ -35,12 +37,15 @@ MODELS = {
     "attention": lambda a: dict(block_pattern=("attention",), n_heads=a.heads, mlp_dim=2 * a.d, attn_impl="reference"),
     "mamba2": lambda a: dict(
         block_pattern=("mamba2",), n_heads=a.heads, mlp_dim=0,
-        mamba2=dict(d_model=a.d, d_state=64, head_dim=16, chunk_size=min(64, a.seq)),
+        mixers={"mamba2": Mamba2Config(d_model=a.d, d_state=64, head_dim=16, chunk_size=min(64, a.seq))},
     ),
-    "m2": lambda a: dict(block_pattern=("m2",), n_heads=a.heads, mlp_dim=2 * a.d, m2=dict(d_model=a.d, l_max=a.seq)),
+    "m2": lambda a: dict(
+        block_pattern=("m2",), n_heads=a.heads, mlp_dim=2 * a.d,
+        mixers={"m2": M2SequenceMixerConfig(d_model=a.d, l_max=a.seq)},
+    ),
     "m2_monarch": lambda a: dict(
         block_pattern=("m2",), n_heads=a.heads, mlp_dim=2 * a.d,
-        m2=dict(d_model=a.d, l_max=a.seq, long_conv="causal_monarch"),
+        mixers={"m2": M2SequenceMixerConfig(d_model=a.d, l_max=a.seq, long_conv="causal_monarch")},
     ),
 }
 
@@ -58,35 +63,17 @@ def get_config(arg=None):
     for key, default in (SMOKE if a.smoke else DEFAULT).items():
         if not a[key]:
             a[key] = default
-
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(
-        vocab_size=a.vocab, d_model=a.d, n_layers=a.layers, max_seq_len=a.seq, n_kv_heads=placeholder(int),
-        dtype="float32", param_dtype="float32", scan_layers=False, remat=False, **MODELS[a.model](a),
-    ))  # fmt: skip
-    c.data = ml_collections.ConfigDict(dict(
-        kind="synthetic", task="mqar",
-        task_args=dict(seq_len=a.seq, num_kv_pairs=a.pairs, vocab_size=a.vocab, random_non_queries=a.random_filler),
-        num_train=100_000 if not a.smoke else 256, num_validation=1_000 if not a.smoke else 32, seed=0,
-        data_dir=placeholder(str), worker_count=0,
-    ))  # fmt: skip
-    c.batch_size = a.batch
-    c.eval_batch_size = 200 if not a.smoke else 16
-    c.num_steps = a.steps
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=a.lr, warmup_steps=min(100, a.steps // 10), final_lr_fraction=0.1, weight_decay=0.1,
-        b1=0.9, b2=0.98, eps=1e-8, grad_clip=1.0, grad_accum_steps=1,
-    ))  # fmt: skip
-    c.z_loss = 0.0
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1, num_devices=0))
-    c.sharding = a.mesh
-    c.log_every = 50 if not a.smoke else 1
-    c.eval_every = 250 if not a.smoke else 4
-    c.checkpoint_every = 500 if not a.smoke else 4
-    c.keep_checkpoints = 3
-    c.eval_batches = 0
-    c.progress_bar = True
-    c.inject_nan_at_step = 0
-    c.context_layout = "contiguous"
-    return c
+    task = MQARConfig(seq_len=a.seq, num_kv_pairs=a.pairs, vocab_size=a.vocab, random_non_queries=a.random_filler)
+    return ExperimentConfig(
+        model=LMConfig(vocab_size=a.vocab, d_model=a.d, n_layers=a.layers, max_seq_len=a.seq, **MODELS[a.model](a)),
+        data=SyntheticDataConfig(task=task, num_train=256 if a.smoke else 100_000,
+                                 num_validation=32 if a.smoke else 1_000),  # fmt: skip
+        batch_size=a.batch,
+        eval_batch_size=16 if a.smoke else 200,
+        num_steps=a.steps,
+        optim=OptimConfig(learning_rate=a.lr, warmup_steps=min(100, a.steps // 10)),
+        sharding=a.mesh,
+        log_every=1 if a.smoke else 50,
+        eval_every=4 if a.smoke else 250,
+        checkpoint_every=4 if a.smoke else 500,
+    )

@@ -15,10 +15,10 @@ Without overrides the documents are this repository's own sources: ``lcjax/**/*.
 
 import os
 
-import ml_collections
-from ml_collections.config_dict import placeholder
-
-from lcjax.train.config import parse_arg
+from lcjax.data import ByteTokenizer
+from lcjax.models.lm import LMConfig
+from lcjax.train.config import ExperimentConfig, OptimConfig, TextDataConfig
+from lcjax.train.config_io import parse_arg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = dict(seq=256, d=128, layers=4, heads=4, batch=32, steps=3000, lr=2e-3)
@@ -31,35 +31,19 @@ def get_config(arg=None):
     for key, default in (SMOKE if a.smoke else DEFAULT).items():
         if not a[key]:
             a[key] = default
-
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = ml_collections.ConfigDict(dict(
-        vocab_size=259, d_model=a.d, n_layers=a.layers, n_heads=a.heads, n_kv_heads=placeholder(int),
-        mlp_dim=4 * a.d, block_pattern=("attention",), max_seq_len=a.seq, attn_impl="auto", dtype="float32",
-        param_dtype="float32", scan_layers=False, remat=False,
-    ))  # fmt: skip
-    c.data = ml_collections.ConfigDict(dict(
-        kind="text", train_files=os.path.join(ROOT, "lcjax", "**", "*.py"),
-        eval_files=os.path.join(ROOT, "tests", "*.py"), seq_len=a.seq, separator=placeholder(str), seed=0,
-        worker_count=0,
-    ))  # fmt: skip
-    c.batch_size = a.batch
-    c.eval_batch_size = a.batch
-    c.num_steps = a.steps
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=a.lr, warmup_steps=min(200, a.steps // 10), final_lr_fraction=0.1, weight_decay=0.1,
-        b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0, grad_accum_steps=1,
-    ))  # fmt: skip
-    c.z_loss = 1e-4
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1, num_devices=0))
-    c.sharding = a.mesh
-    c.log_every = 50 if not a.smoke else 1
-    c.eval_every = 500 if not a.smoke else 3
-    c.checkpoint_every = 500 if not a.smoke else 3
-    c.keep_checkpoints = 3
-    c.eval_batches = 20 if not a.smoke else 2
-    c.progress_bar = True
-    c.inject_nan_at_step = 0
-    c.context_layout = "contiguous"
-    return c
+    return ExperimentConfig(
+        model=LMConfig(vocab_size=ByteTokenizer.vocab_size, d_model=a.d, n_layers=a.layers, n_heads=a.heads,
+                       mlp_dim=4 * a.d, max_seq_len=a.seq),  # fmt: skip
+        data=TextDataConfig(train_files=os.path.join(ROOT, "lcjax", "**", "*.py"),
+                            eval_files=os.path.join(ROOT, "tests", "*.py"), seq_len=a.seq),  # fmt: skip
+        batch_size=a.batch,
+        eval_batch_size=a.batch,
+        num_steps=a.steps,
+        optim=OptimConfig(learning_rate=a.lr, warmup_steps=min(200, a.steps // 10), b2=0.95),
+        z_loss=1e-4,
+        sharding=a.mesh,
+        log_every=1 if a.smoke else 50,
+        eval_every=3 if a.smoke else 500,
+        checkpoint_every=3 if a.smoke else 500,
+        eval_batches=2 if a.smoke else 20,
+    )

@@ -30,7 +30,7 @@ import jax  # noqa: E402
 
 from lcjax.models.lm import param_count  # noqa: E402
 from lcjax.train import loop, metrics  # noqa: E402
-from lcjax.train.config import ExperimentConfig, load_config_file  # noqa: E402
+from lcjax.train.config_io import load_config_file, override  # noqa: E402
 
 MQAR = os.path.join(ROOT, "configs", "mqar.py")
 OUT = os.path.join(ROOT, "experiments", "mixers")
@@ -38,10 +38,8 @@ OUT = os.path.join(ROOT, "experiments", "mixers")
 
 def run(model: str, seed: int, lr: float, steps: int, workdir: str, quick: bool) -> dict:
     variant = f"model={model},lr={lr}" + (",smoke" if quick else f",steps={steps}")
-    c = load_config_file(MQAR, variant)
-    c.seed, c.progress_bar = seed, False
-    c.mesh.num_devices = 1
-    n_params = param_count(ExperimentConfig.from_config(c).model)
+    c = override(load_config_file(MQAR, variant), {"seed": seed, "progress_bar": False, "mesh.num_devices": 1})
+    n_params = param_count(c.model)
     t0, cpu0 = time.perf_counter(), time.process_time()
     result = loop.train(c, workdir)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0

@@ -48,7 +48,7 @@ def require_optional_int(name: str, value: Any, *, min: int | None = None, max: 
 
 
 def require_float(
-    name: str, value: Any, *, min: float | None = None, max: float | None = None, min_open: bool = False,
+    name: str, value: Any, *, min: float | int | None = None, max: float | int | None = None, min_open: bool = False,
     max_open: bool = False,
 ) -> float:  # fmt: skip
     """``value`` as a finite Python float (ints accepted; bool and NaN/inf rejected) within the given bounds.
@@ -94,6 +94,24 @@ def require(cond: bool, message: str) -> None:
     """``ValueError(message)`` unless ``cond``: for the checks no typed checker covers (shapes, relations)."""
     if not cond:
         raise ValueError(message)
+
+
+def validated_by(check: Callable[..., Any]) -> Callable[[Callable], Callable]:
+    """Decorator: run ``check(*args, **kwargs)`` before the function, so that its ValueError comes first.
+
+    For public functions with jaxtyping shape annotations: the runtime shape check (the test suite's import hook)
+    would otherwise report a bad input as a type error naming no argument.
+    """
+
+    def decorate(f: Callable) -> Callable:
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            check(*args, **kwargs)
+            return f(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def _range_text(lo: int | None, hi: int | None) -> str:
@@ -160,5 +178,5 @@ def checkify(fun: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
 
 __all__ = [
     "check_token_ids", "checkify", "is_concrete", "require", "require_bool", "require_choice", "require_float",
-    "require_int", "require_optional_int", "require_str",
+    "require_int", "require_optional_int", "require_str", "validated_by",
 ]  # fmt: skip

@@ -2,12 +2,16 @@
 
 The lcjax parameter tree mirrors HF's names, so the map is per-tensor reshapes only: torch ``Linear`` weights are
 ``[out, in]``; lcjax keeps ``q_proj`` as ``[D, H, P]`` and ``o_proj`` as ``[H, P, D]`` so einsums name every axis.
-Checkpoints are read from in-memory tensors or safetensors files only, never by unpickling.
+Checkpoints are read from in-memory tensors or safetensors files only, never by unpickling. ``HF_KEYS`` classifies
+every ``LlamaConfig`` field once (mapped, harmless, or restricted to what lcjax implements); any other key, another
+``model_type`` (Mistral, Qwen2: they share the weight names but not the math) or an unimplemented RoPE scaling
+raises ``ValueError`` naming it instead of loading a different model.
 Reference: transformers 5.23.0 ``models/llama/modeling_llama.py`` and ``configuration_llama.py``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lcjax.convert import read_hf_dir
+from lcjax.checks import require_bool
+from lcjax.convert import HFKeys, check_hf_config, hf_config_dict, read_hf_dir
 from lcjax.models.lm import LM, LMConfig
 from lcjax.ops import rope as rope_ops
 
@@ -30,30 +35,89 @@ def _to_numpy(t: Any) -> np.ndarray:
     return np.asarray(t)
 
 
-def config_from_hf(hf_config: Any, **overrides) -> LMConfig:
-    """LMConfig from an HF ``LlamaConfig`` (object or dict)."""
-    c = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+# transformers 5.23 LlamaConfig, every field classified once (common PreTrainedConfig keys: lcjax/convert/__init__.py).
+HF_KEYS = HFKeys(
+    family="Llama",
+    model_types=("llama",),
+    mapped=frozenset({
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+        "attention_bias", "mlp_bias", "rope_parameters",
+        "rope_theta", "rope_scaling",  # the 4.x spellings of rope_parameters, read as transformers reads them
+    }),
+    # initializer_range: init only. pretraining_tp: 4.x sliced each matmul into pretraining_tp parts and summed
+    # them (the same product up to rounding); transformers 5.23 ignores it.
+    harmless=frozenset({"initializer_range", "pretraining_tp"}),
+    restricted={"hidden_act": ("silu",), "attention_dropout": (0.0, None), "sliding_window": (None,)},
+    notes={
+        "hidden_act": "the MLP is SwiGLU",
+        "attention_dropout": "lcjax has no attention dropout (HF applies it in training mode only)",
+        "sliding_window": "lcjax's Llama loader maps full causal attention only",
+    },
+)  # fmt: skip
+_ROPE_KEYS = {  # rope_parameters keys read per rope_type (besides rope_type / type / rope_theta)
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}),
+}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _rope_config(c: Mapping[str, Any], where: str) -> rope_ops.RopeConfig:
+    """RoPE of a Llama config as transformers 5.23 standardises it (``convert_rope_params_to_dict``): a legacy
+    ``rope_scaling`` dict wins over ``rope_parameters``, a top-level ``rope_theta`` fills a missing theta, llama3's
+    ``original_max_position_embeddings`` defaults to ``max_position_embeddings``. Unread scaling keys are refused."""
+    params = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
+    params.setdefault("rope_theta", c.get("rope_theta", 10_000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in _ROPE_KEYS:
+        raise ValueError(f"{where}.rope_parameters.rope_type={rope_type!r} is not implemented; allowed: "
+                         f"{', '.join(map(repr, _ROPE_KEYS))}")  # fmt: skip
+    if rope_type == "llama3":
+        params.setdefault("original_max_position_embeddings", c.get("max_position_embeddings", 2048))
+    read = {"rope_type", "type", "rope_theta"} | _ROPE_KEYS[rope_type]
+    unread = {k: v for k, v in params.items() if k not in read and v is not None
+              and not (k == "partial_rotary_factor" and v == 1.0)}  # fmt: skip
+    if unread:
+        raise ValueError(f"{where}.rope_parameters: {unread} not implemented for rope_type={rope_type!r} (lcjax "
+                         f"reads {sorted(read - {'type'})})")  # fmt: skip
+    return rope_ops.rope_config_from_hf(params | {"rope_type": rope_type})
+
+
+def _config_from_dict(c: Mapping[str, Any], where: str, overrides: Mapping[str, Any]) -> LMConfig:
+    missing = [k for k in _REQUIRED if k not in c]
+    if missing:
+        raise ValueError(f"{where}: missing required Llama fields {missing}")
+    check_hf_config(c, HF_KEYS, where=where)
     n_heads = c["num_attention_heads"]
-    head_dim = c.get("head_dim") or c["hidden_size"] // n_heads
-    rope_params = c.get("rope_parameters") or {"rope_type": "default", "rope_theta": c.get("rope_theta", 10_000.0)}
-    if c.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hf_config.hidden_act={c['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
-    if c.get("pretraining_tp", 1) != 1:
-        raise ValueError("hf_config.pretraining_tp must be 1")
+    flag = lambda key: require_bool(f"{where}.{key}", c.get(key, False))
     kw = dict(
         vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=c.get("num_key_value_heads") or n_heads, head_dim=head_dim, mlp_dim=c["intermediate_size"],
-        max_seq_len=c.get("max_position_embeddings", 2048), rope=rope_ops.rope_config_from_hf(rope_params),
-        norm_eps=c.get("rms_norm_eps", 1e-5), tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        attention_bias=bool(c.get("attention_bias", False)), mlp_bias=bool(c.get("mlp_bias", False)),
+        n_kv_heads=c.get("num_key_value_heads") or n_heads, head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+        mlp_dim=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
+        rope=_rope_config(c, where), norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=flag("tie_word_embeddings"),
+        attention_bias=flag("attention_bias"), mlp_bias=flag("mlp_bias"),
     )  # fmt: skip
-    return LMConfig(**(kw | overrides))
+    return LMConfig(**(kw | dict(overrides)))
+
+
+def config_from_hf(hf_config: Any, **overrides) -> LMConfig:
+    """LMConfig from an HF ``LlamaConfig`` (object or ``config.json`` dict); ``overrides`` are LMConfig fields.
+
+    Raises ``ValueError`` naming every key that would make lcjax compute a different model (``HF_KEYS``): another
+    ``model_type`` (Mistral, Qwen2, ...), a sliding window, an activation other than SiLU, a RoPE scaling lcjax
+    does not implement, an unknown key.
+    """
+    return _config_from_dict(hf_config_dict(hf_config), "hf_config", overrides)
 
 
 def config_to_hf(cfg: LMConfig) -> dict[str, Any]:
     """The HF ``LlamaConfig`` kwargs describing ``cfg`` (attention-only models)."""
     if set(cfg.block_pattern) != {"attention"}:
         raise ValueError(f"config_to_hf: only attention-only models map to Llama, got {cfg.block_pattern}")
+    if cfg.window is not None:
+        raise ValueError(f"config_to_hf: cfg.window={cfg.window} has no Llama equivalent (HF Llama attends to the "
+                         "whole causal prefix); export a model with window=None")  # fmt: skip
     rope: dict[str, Any] = {"rope_type": cfg.rope.rope_type, "rope_theta": cfg.rope.theta}
     if cfg.rope.rope_type != "default":
         rope["factor"] = cfg.rope.factor
@@ -143,10 +207,15 @@ def llama_from_hf(hf_model: Any, **overrides) -> LM:
     return llama_from_state_dict(dict(hf_model.state_dict()), cfg)
 
 
-def llama_from_pretrained_dir(path: str, **overrides) -> LM:
-    """Load a local HF checkpoint directory (``config.json`` + ``*.safetensors``), never unpickling."""
+def llama_from_pretrained_dir(path: str | os.PathLike, **overrides) -> LM:
+    """Load a local HF checkpoint directory (``config.json`` + ``*.safetensors``), never unpickling.
+
+    The config is checked as in ``config_from_hf`` (errors name the ``config.json`` path); ``read_hf_dir`` names the
+    file at fault for a missing directory or config, or an unreadable safetensors file.
+    """
     config, state_dict = read_hf_dir(path, caller="llama_from_pretrained_dir")
-    return llama_from_state_dict(state_dict, config_from_hf(config, **overrides))
+    where = f"llama_from_pretrained_dir: {os.path.join(os.fspath(path), 'config.json')}"
+    return llama_from_state_dict(state_dict, _config_from_dict(config, where, overrides))
 
 
 def llama_to_state_dict(model: LM) -> dict[str, np.ndarray]:

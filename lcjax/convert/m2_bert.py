@@ -141,8 +141,10 @@ def m2_bert_from_state_dict(state_dict: Mapping[str, Any], *, ignore: tuple[str,
     (``mask_padding``, ``conv_impl``, ``layer_norm_eps``...). ``param_dtype=np.float64`` (under ``jax.enable_x64``)
     gives a float64 model. Raises ``ValueError`` on missing, unexpected or mis-shaped tensors.
     """
+    if isinstance(ignore, str) or not all(isinstance(p, str) for p in ignore):  # a bare str would match by letter
+        raise TypeError(f"m2_bert_from_state_dict: ignore must be a tuple of key prefixes (str), got {ignore!r}")
     cfg = m2_bert_config_from_state_dict(state_dict, **config_overrides)
-    sd = _normalize(state_dict, ignore)
+    sd = _normalize(state_dict, tuple(ignore))
     used: set[str] = set()
     get = lambda k: (used.add(k), sd[k])[1]
     try:

@@ -14,7 +14,7 @@ import splits and export concatenates. Head-major flattening (channel = h·P + p
     out_proj.weight        out_proj (H,P,D)                        transpose, reshape
     out_proj.bias          out_proj_bias (D,)                      as is
 
-Whole models (``Mamba2ForCausalLM`` <-> ``LM`` with ``block_pattern=("mamba2",)``, ``lcjax/models/mamba2_block.py``):
+Whole models (``Mamba2ForCausalLM`` <-> ``LM`` with ``block_pattern=("mamba2",)``, ``lcjax/models/blocks/mamba2.py``):
 
     backbone.embeddings.weight (V, D)    embed_tokens.weight         as is (``backbone.embedding.`` also read)
     backbone.layers.{i}.norm.weight      layers[i].norm.weight       as is
@@ -23,13 +23,15 @@ Whole models (``Mamba2ForCausalLM`` <-> ``LM`` with ``block_pattern=("mamba2",)`
     lm_head.weight (V, D)                lm_head (D, V)              transpose; absent from the LM when tied
 
 With ``scan_layers=True`` the per-layer arrays are stacked on the leading ``layers`` axis (and unstacked on export).
+Configs: ``HF_KEYS`` classifies every ``Mamba2Config`` field once (mapped, harmless, or restricted to what lcjax
+implements); another ``model_type`` or any other key raises ``ValueError`` naming it (``lcjax/convert/__init__.py``).
 Reference: transformers 5.23.0 ``models/mamba2/{configuration,modeling}_mamba2.py``.
 """
 
 from __future__ import annotations
 
 import math
-import types
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,28 +40,47 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lcjax.convert import read_hf_dir
+from lcjax.checks import require_bool
+from lcjax.convert import HFKeys, check_hf_config, hf_config_dict, read_hf_dir
 from lcjax.layers.mamba2 import Mamba2, Mamba2Config
 from lcjax.models.lm import LM, LMConfig
 
 
-def mixer_config_from_hf(hf_config: Any, **overrides) -> Mamba2Config:
-    """``Mamba2Config`` of a ``transformers.Mamba2Config`` (or anything with its attribute names)."""
-    expand, rem = divmod(int(hf_config.expand * hf_config.hidden_size), hf_config.hidden_size)
+def _fields(hf_config: Any, where: str, required: tuple[str, ...]) -> dict[str, Any]:
+    """The checked fields of an HF ``Mamba2Config`` (object or ``config.json`` dict), HF defaults filled in."""
+    c = hf_config_dict(hf_config)
+    missing = [k for k in ("model_type",) + required if k not in c]
+    if missing:
+        raise ValueError(f"{where}: missing required fields {missing}")
+    check_hf_config(c, HF_KEYS, where=where)
+    c = HF_DEFAULTS | c
+    # transformers writes non-finite floats into config.json as {"__float__": "Infinity"}
+    unjson = lambda v: float(v["__float__"]) if isinstance(v, Mapping) and "__float__" in v else v
+    c["time_step_limit"] = tuple(float(unjson(v)) for v in c["time_step_limit"])
+    return c
+
+
+def _mixer_config(c: Mapping[str, Any], where: str, overrides: Mapping[str, Any]) -> Mamba2Config:
+    expand, rem = divmod(int(c["expand"] * c["hidden_size"]), c["hidden_size"])
     if rem:
-        raise ValueError(f"hf_config.expand={hf_config.expand}: expand·hidden_size must be a multiple of hidden_size")
+        raise ValueError(f"{where}.expand={c['expand']}: expand·hidden_size must be a multiple of hidden_size")
     fields = dict(
-        d_model=hf_config.hidden_size, d_state=hf_config.state_size, d_conv=hf_config.conv_kernel, expand=expand,
-        head_dim=hf_config.head_dim, n_groups=hf_config.n_groups, chunk_size=hf_config.chunk_size,
-        dt_min=hf_config.time_step_min, dt_max=hf_config.time_step_max, dt_init_floor=hf_config.time_step_floor,
-        dt_limit=tuple(hf_config.time_step_limit), conv_bias=hf_config.use_conv_bias, bias=hf_config.use_bias,
-        norm_eps=hf_config.layer_norm_epsilon,
+        d_model=c["hidden_size"], d_state=c["state_size"], d_conv=c["conv_kernel"], expand=expand,
+        head_dim=c["head_dim"], n_groups=c["n_groups"], chunk_size=c["chunk_size"], dt_min=c["time_step_min"],
+        dt_max=c["time_step_max"], dt_init_floor=c["time_step_floor"], dt_limit=c["time_step_limit"],
+        conv_bias=require_bool(f"{where}.use_conv_bias", c["use_conv_bias"]),
+        bias=require_bool(f"{where}.use_bias", c["use_bias"]), norm_eps=c["layer_norm_epsilon"],
     )  # fmt: skip
-    fields.update(overrides)
-    cfg = Mamba2Config(**fields)
-    if cfg.num_heads != hf_config.num_heads:
-        raise ValueError(f"hf_config.num_heads={hf_config.num_heads} != expand·hidden_size/head_dim = {cfg.num_heads}")
+    cfg = Mamba2Config(**(fields | dict(overrides)))
+    if cfg.num_heads != c["num_heads"]:
+        raise ValueError(f"{where}.num_heads={c['num_heads']} != expand·hidden_size/head_dim = {cfg.num_heads}")
     return cfg
+
+
+def mixer_config_from_hf(hf_config: Any, **overrides) -> Mamba2Config:
+    """``Mamba2Config`` of a ``transformers.Mamba2Config`` (or its ``config.json`` dict), checked like
+    ``config_from_hf``; ``overrides`` are ``Mamba2Config`` fields."""
+    return _mixer_config(_fields(hf_config, "hf_config", ("hidden_size", "num_heads")), "hf_config", overrides)
 
 
 def _np(t: Any) -> np.ndarray:
@@ -129,6 +150,8 @@ def load_mixer_params(mixer: Mamba2, params: Mapping[str, Any]) -> Mamba2:
 def mixer_from_hf(hf_mixer: Any, **overrides) -> Mamba2:
     """A ``Mamba2`` holding the weights of an HF ``Mamba2Mixer`` (its config read from the module's attributes)."""
     m = hf_mixer
+    if m.activation != "silu":
+        raise ValueError(f"hf_mixer.activation={m.activation!r} is not implemented; allowed: 'silu'")
     lo, hi = m.time_step_limit
     fields = dict(
         d_model=m.hidden_size, d_state=m.ssm_state_size, d_conv=m.conv_kernel_size,
@@ -176,42 +199,58 @@ def mixer_to_hf(mixer: Mamba2, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 # ---- whole models ------------------------------------------------------------------------------------------------
+# transformers 5.23 Mamba2Config, every field classified once (common PreTrainedConfig keys: lcjax/convert/__init__.py).
+HF_KEYS = HFKeys(
+    family="Mamba-2",
+    model_types=("mamba2",),
+    mapped=frozenset({
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim", "state_size", "expand",
+        "conv_kernel", "n_groups", "chunk_size", "use_bias", "use_conv_bias", "layer_norm_epsilon", "time_step_min",
+        "time_step_max", "time_step_floor", "time_step_limit", "tie_word_embeddings",
+    }),
+    harmless=frozenset({
+        "initializer_range", "rescale_prenorm_residual",  # init only
+        "time_step_rank",  # stored by HF's mixer, never used (dt comes from in_proj)
+        "residual_in_fp32",  # lcjax always adds the residual in float32: identical in float32, no worse in bf16
+        "intermediate_size",  # written by 4.x configs; HF's mixer uses expand·hidden_size
+    }),
+    restricted={"hidden_act": ("silu",), "rms_norm": (True,), "norm_before_gate": (False,)},
+    notes={
+        "hidden_act": "the mixer's conv and gate activation is SiLU",
+        "rms_norm": "a 4.x key; transformers always applies the gated RMSNorm",
+        "norm_before_gate": "transformers' Mamba2 gates before the norm: norm(y·silu(z))",
+    },
+)  # fmt: skip
 HF_DEFAULTS = dict(  # transformers 5.23.0 Mamba2Config defaults, for config.json files that omit a field
     head_dim=64, state_size=128, layer_norm_epsilon=1e-5, expand=2, conv_kernel=4, n_groups=8, use_bias=False,
     use_conv_bias=True, hidden_act="silu", residual_in_fp32=True, time_step_min=0.001, time_step_max=0.1,
     time_step_floor=1e-4, time_step_limit=(0.0, math.inf), chunk_size=256, tie_word_embeddings=False,
 )  # fmt: skip
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads")
+
+
+def _lm_config(c: Mapping[str, Any], where: str, overrides: Mapping[str, Any]) -> LMConfig:
+    kw = dict(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        block_pattern=("mamba2",), mixers={"mamba2": _mixer_config(c, where, {})}, norm_eps=c["layer_norm_epsilon"],
+        tie_embeddings=require_bool(f"{where}.tie_word_embeddings", c["tie_word_embeddings"]), max_seq_len=1 << 20,
+    )  # fmt: skip
+    return LMConfig(**(kw | dict(overrides)))
 
 
 def config_from_hf(hf_config: Any, **overrides) -> LMConfig:
     """``LMConfig`` (``block_pattern=("mamba2",)``) of an HF ``Mamba2Config`` object or its ``config.json`` dict.
 
-    HF uses ``layer_norm_epsilon`` for the block norms, ``norm_f`` and the gated norm alike. ``residual_in_fp32`` is
-    accepted either way: lcjax always adds the residual in float32 (identical in float32 compute).
+    HF uses ``layer_norm_epsilon`` for the block norms, ``norm_f`` and the gated norm alike. Every key is checked
+    against ``HF_KEYS``: another ``model_type``, an activation other than SiLU or an unknown key raises
+    ``ValueError`` naming it; ``residual_in_fp32`` is accepted either way (lcjax adds the residual in float32).
     """
-    if isinstance(hf_config, Mapping):
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads") if k not in hf_config]
-        if missing:
-            raise ValueError(f"hf_config: missing required fields {missing}")
-        fields = HF_DEFAULTS | dict(hf_config)
-        # transformers writes non-finite floats into config.json as {"__float__": "Infinity"}
-        unjson = lambda v: float(v["__float__"]) if isinstance(v, Mapping) and "__float__" in v else v
-        fields["time_step_limit"] = tuple(float(unjson(v)) for v in fields["time_step_limit"])
-        hf_config = types.SimpleNamespace(**fields)
-    c = hf_config
-    if c.hidden_act != "silu":
-        raise ValueError(f"hf_config.hidden_act={c.hidden_act!r}: the Mamba-2 mixer supports 'silu' only")
-    kw = dict(
-        vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers, block_pattern=("mamba2",),
-        mamba2=mixer_config_from_hf(c), norm_eps=c.layer_norm_epsilon, tie_embeddings=bool(c.tie_word_embeddings),
-        max_seq_len=1 << 20,
-    )  # fmt: skip
-    return LMConfig(**(kw | overrides))
+    return _lm_config(_fields(hf_config, "hf_config", _REQUIRED), "hf_config", overrides)
 
 
 def config_to_hf(cfg: LMConfig) -> dict[str, Any]:
     """The HF ``Mamba2Config`` kwargs describing ``cfg`` (pure Mamba-2 models with HF's mixer options only)."""
-    m = cfg.mamba2
+    m = cfg.mixers["mamba2"]
     if cfg.block_pattern != ("mamba2",):
         raise ValueError(f"config_to_hf: cfg.block_pattern must be ('mamba2',) for HF, got {cfg.block_pattern}")
     unsupported = {"rmsnorm": not m.rmsnorm, "norm_before_gate": m.norm_before_gate,
@@ -242,7 +281,7 @@ def _check_keys(tensors: Mapping[str, Any], cfg: LMConfig) -> None:
                                                                       else set())  # fmt: skip
     for i in range(cfg.n_layers):
         want |= {f"backbone.layers.{i}.norm.weight"}
-        want |= {f"backbone.layers.{i}.mixer.{k}" for k in _mixer_keys(cfg.mamba2)}
+        want |= {f"backbone.layers.{i}.mixer.{k}" for k in _mixer_keys(cfg.mixers["mamba2"])}
     optional = {"lm_head.weight"} if cfg.tie_embeddings else set()  # HF state dicts list the tied head too
     missing, unknown = sorted(want - set(tensors)), sorted(set(tensors) - want - optional)
     if missing or unknown:
@@ -271,7 +310,7 @@ def mamba2_from_state_dict(state_dict: Mapping[str, Any], cfg: LMConfig) -> LM:
     elif "lm_head.weight" in tensors and not np.array_equal(get("lm_head.weight"), get("backbone.embeddings.weight")):
         raise ValueError("state_dict['lm_head.weight'] differs from the embeddings but cfg.tie_embeddings=True")
     norms = [get(f"backbone.layers.{i}.norm.weight") for i in range(cfg.n_layers)]
-    mixers = [mixer_params_from_hf(tensors, cfg.mamba2, prefix=f"backbone.layers.{i}.mixer.")
+    mixers = [mixer_params_from_hf(tensors, cfg.mixers["mamba2"], prefix=f"backbone.layers.{i}.mixer.")
               for i in range(cfg.n_layers)]  # fmt: skip
     if cfg.scan_layers:  # one stacked block: (n_layers, ...) arrays
         blocks = [model.layers[0]]
@@ -281,7 +320,7 @@ def mamba2_from_state_dict(state_dict: Mapping[str, Any], cfg: LMConfig) -> LM:
     for i, (block, norm, mixer) in enumerate(zip(blocks, norms, mixers)):
         _assign(block.norm.weight, norm, f"backbone.layers.{i}.norm.weight")
         load_mixer_params(block.mixer, mixer)
-        if cfg.mamba2.long_context.state_norm or cfg.mamba2.long_context.longmamba:
+        if cfg.mixers["mamba2"].long_context.state_norm or cfg.mixers["mamba2"].long_context.longmamba:
             if cfg.scan_layers:
                 raise ValueError("mamba2_from_state_dict: long-context statistics need scan_layers=False")
             block.mixer.reset_long_context()
@@ -296,10 +335,11 @@ def mamba2_from_hf(hf_model: Any, **overrides) -> LM:
     return mamba2_from_state_dict(dict(hf_model.state_dict()), config_from_hf(hf_model.config, **overrides))
 
 
-def mamba2_from_pretrained_dir(path: str, **overrides) -> LM:
+def mamba2_from_pretrained_dir(path: str | os.PathLike, **overrides) -> LM:
     """Load a local HF-format checkpoint directory (``config.json`` + ``*.safetensors``), never unpickling."""
     config, state_dict = read_hf_dir(path, caller="mamba2_from_pretrained_dir")
-    return mamba2_from_state_dict(state_dict, config_from_hf(config, **overrides))
+    where = f"mamba2_from_pretrained_dir: {os.path.join(os.fspath(path), 'config.json')}"
+    return mamba2_from_state_dict(state_dict, _lm_config(_fields(config, where, _REQUIRED), where, overrides))
 
 
 def mamba2_to_state_dict(model: LM) -> dict[str, np.ndarray]:

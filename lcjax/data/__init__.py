@@ -1,8 +1,10 @@
 """Data: synthetic long-context tasks, TFDS builders (ArrayRecord, no TensorFlow), byte-level text, grain pipelines.
 
 Batches are dicts of NumPy arrays ``inputs, targets, segment_ids, positions`` (int32 [B, L]) and ``loss_mask`` (bool
-[B, L]); see ``pipeline.py``. The TFDS builders live in ``lcjax.data.tfds_builders`` (imported on demand, since it
-registers datasets with TFDS).
+[B, L]); see ``pipeline.py``. ``segment_ids`` have lcjax's one meaning: 1, 2, ... per document (a run of equal
+positive ids, never reused in a row), 0 = padding, which belongs to no document. Token ids are checked against the
+vocabulary wherever a pipeline knows it. The TFDS builders live in ``lcjax.data.tfds_builders`` (imported on
+demand, since it registers datasets with TFDS).
 """
 
 from lcjax.data.packing import PackIterDataset, PackedRows, build_row, document_pieces, pack_layout

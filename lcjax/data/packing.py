@@ -13,9 +13,10 @@ Rule (the same for the streaming packer and the static layout, which give identi
 
 A row is ``inputs, targets`` (int32 [L]), ``loss_mask`` (bool [L], True on every real pair), ``segment_ids`` (int32
 [L], 1, 2, ... per piece, 0 on padding) and ``positions`` (int32 [L], 0 .. len-1 within each piece, 0 on padding);
-padding has ``inputs = targets = pad_id``. Attention must stay inside a segment (``segment_ids[q] ==
-segment_ids[k]``, the rule of ``lcjax/ops/masks.py``: real tokens never see padding, padding sees only padding and
-is never scored), and a recurrent model must reset its state where ``positions == 0``.
+padding has ``inputs = targets = pad_id``. These segment ids have lcjax's one meaning (``lcjax/ops``, every model):
+a document is a run of equal positive ids, a row never reuses an id, and 0 is padding, which belongs to no document.
+Attention stays inside a segment (real tokens never see padding; padding sees only padding and is never scored),
+Mamba-2 starts a fresh state at every change of id, M2 treats each positive run as a document.
 
 The streaming packer (``PackIterDataset``) is a grain ``IterDataset`` whose iterator state is the parent's state
 before the document that holds the next piece, plus that piece's index: restoring re-reads one document and
@@ -31,6 +32,8 @@ from typing import Any, SupportsIndex
 
 import grain
 import numpy as np
+
+from lcjax.checks import check_token_ids, require, require_int, require_optional_int
 
 Piece = tuple[int, int]  # [start, stop) over a document's (input, target) pairs
 Row = dict[str, np.ndarray]
@@ -67,8 +70,7 @@ def build_row(pieces: Sequence[tuple[np.ndarray, int, int]], seq_len: int, pad_i
 
 def pack_layout(doc_lengths: Sequence[int], seq_len: int) -> list[list[tuple[int, int, int]]]:
     """Rows as lists of ``(document index, start, stop)`` for documents of the given token counts (rule above)."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    seq_len = require_int("pack_layout: seq_len", seq_len, min=1)
     rows: list[list[tuple[int, int, int]]] = []
     row: list[tuple[int, int, int]] = []
     used = 0
@@ -84,18 +86,29 @@ def pack_layout(doc_lengths: Sequence[int], seq_len: int) -> list[list[tuple[int
     return rows
 
 
-def _check_tokens(tokens: Any) -> np.ndarray:
+def _document(tokens: Any, vocab_size: int | None) -> np.ndarray:
+    """``tokens`` as a 1-D integer array, its ids checked against ``vocab_size`` when the packer knows it."""
     tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"a document must be a 1-D integer token array, got {tokens.dtype} {tokens.shape}")
+    require(tokens.ndim == 1 and np.issubdtype(tokens.dtype, np.integer),
+            f"a document must be a 1-D integer token array, got {tokens.dtype} {tokens.shape}")  # fmt: skip
+    if vocab_size is not None:
+        check_token_ids("packed document", tokens, vocab_size)
     return tokens
+
+
+def _check_packing(caller: str, seq_len: Any, pad_id: Any, vocab_size: Any) -> tuple[int, int, int | None]:
+    seq_len = require_int(f"{caller}: seq_len", seq_len, min=1)
+    vocab_size = require_optional_int(f"{caller}: vocab_size", vocab_size, min=1)
+    pad_id = require_int(f"{caller}: pad_id", pad_id, min=0, max=None if vocab_size is None else vocab_size - 1)
+    return seq_len, pad_id, vocab_size
 
 
 class PackedRows:
     """Random-access rows of a precomputed ``pack_layout`` (the eval path: every row known up front).
 
     ``documents[i]`` is fed through ``tokenize``; the last few tokenized documents are cached, so reading the rows
-    in order tokenizes each document about once even when it spans many rows.
+    in order tokenizes each document about once even when it spans many rows. With ``vocab_size`` every token id
+    (and ``pad_id``) is checked to lie in ``[0, vocab_size)``.
     """
 
     def __init__(
@@ -105,13 +118,15 @@ class PackedRows:
         *,
         seq_len: int,
         pad_id: int,
+        vocab_size: int | None = None,
     ):
+        seq_len, pad_id, self.vocab_size = _check_packing("PackedRows", seq_len, pad_id, vocab_size)
         self._documents, self._tokenize, self.seq_len, self.pad_id = documents, tokenize, seq_len, pad_id
         self._tokens = functools.lru_cache(maxsize=8)(self._read)
         self.layout = pack_layout([len(self._tokens(i)) for i in range(len(documents))], seq_len)
 
     def _read(self, doc: int) -> np.ndarray:
-        return _check_tokens(self._tokenize(self._documents[doc]))
+        return _document(self._tokenize(self._documents[doc]), self.vocab_size)
 
     def __len__(self) -> int:
         return len(self.layout)
@@ -125,9 +140,9 @@ class PackedRows:
 
 
 class _PackIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, vocab_size: int | None):
         super().__init__(parent)
-        self._seq_len, self._pad_id = seq_len, pad_id
+        self._seq_len, self._pad_id, self._vocab_size = seq_len, pad_id, vocab_size
         self._doc: np.ndarray | None = None  # the document holding the next piece
         self._doc_state: Any = None  # the parent's state before that document was read
         self._pieces: list[Piece] = []
@@ -135,7 +150,7 @@ class _PackIterator(grain.DatasetIterator):
 
     def _read_document(self) -> None:
         state = copy.deepcopy(self._parent.get_state())
-        tokens = _check_tokens(next(self._parent))  # StopIteration propagates to the caller
+        tokens = _document(next(self._parent), self._vocab_size)  # StopIteration propagates to the caller
         self._doc, self._doc_state = tokens, state
         self._pieces, self._next_piece = document_pieces(len(tokens), self._seq_len), 0
 
@@ -173,16 +188,16 @@ class _PackIterator(grain.DatasetIterator):
 
 
 class PackIterDataset(grain.IterDataset):
-    """Streams packed rows (module docstring) from a parent ``IterDataset`` of 1-D token arrays."""
+    """Streams packed rows (module docstring) from a parent ``IterDataset`` of 1-D token arrays; with
+    ``vocab_size`` every token id (and ``pad_id``) is checked to lie in ``[0, vocab_size)``."""
 
-    def __init__(self, parent: grain.IterDataset, *, seq_len: int, pad_id: int):
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise ValueError(f"seq_len={seq_len!r} must be an int >= 1")
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, pad_id: int, vocab_size: int | None = None):
+        seq_len, pad_id, vocab_size = _check_packing("PackIterDataset", seq_len, pad_id, vocab_size)
         super().__init__(parent)
-        self._seq_len, self._pad_id = seq_len, pad_id
+        self._seq_len, self._pad_id, self._vocab_size = seq_len, pad_id, vocab_size
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._seq_len, self._pad_id)
+        return _PackIterator(self._parent.__iter__(), self._seq_len, self._pad_id, self._vocab_size)
 
     def __str__(self) -> str:
         return f"PackIterDataset(seq_len={self._seq_len})"

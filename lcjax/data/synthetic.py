@@ -4,7 +4,8 @@ Every example is regenerated independently from ``np.random.default_rng([seed, S
 source over a task needs no storage, any example can be looked up alone, and the TFDS builders in
 ``tfds_builders.py`` write exactly these examples.
 
-Tasks (one frozen, keyword-only config each; ``__post_init__`` raises ``ValueError`` naming the field):
+Tasks (one frozen, keyword-only config each; ``__post_init__`` checks every field with ``lcjax.checks``: ``TypeError``
+for a wrong type, a bool included, ``ValueError`` for a bad value, both naming the field):
 
 - ``MQARConfig``: multi-query associative recall, "Zoology: Measuring and Improving Recall in Efficient Language
   Models" (Arora et al. 2023, https://arxiv.org/abs/2312.04927), recipe of HazyResearch/zoology
@@ -42,24 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax.checks import check_token_ids, require, require_bool, require_choice, require_float, require_int
 from lcjax.typing import Bool, Int
 
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 """Split name -> the entry of the per-example seed sequence that separates held-out data from training data."""
 
 Example = dict[str, np.ndarray]
-
-
-def _check_int(field: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{field} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{field}={value} must be >= {minimum}")
-
-
-def _check_bool(field: str, value: Any) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{field} must be a bool, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------------------ task configs
@@ -78,25 +68,24 @@ class MQARConfig:
     task = "mqar"
 
     def __post_init__(self):
-        _check_int("seq_len", self.seq_len, 4)
-        _check_int("num_kv_pairs", self.num_kv_pairs, 1)
-        _check_int("vocab_size", self.vocab_size, 4)
-        _check_bool("random_non_queries", self.random_non_queries)
-        if self.seq_len % 2:
-            raise ValueError(f"seq_len={self.seq_len} must be even (MQAR alternates key and value slots)")
-        if 4 * self.num_kv_pairs > self.seq_len:
-            raise ValueError(
-                f"num_kv_pairs={self.num_kv_pairs} needs seq_len >= 4 * num_kv_pairs = {4 * self.num_kv_pairs} "
-                f"(2K context tokens plus K query slots among the (seq_len - 2K) / 2 even offsets); got {self.seq_len}"
-            )
-        if self.vocab_size // 2 - 1 < self.num_kv_pairs:
-            raise ValueError(
-                f"vocab_size={self.vocab_size} is too small for num_kv_pairs={self.num_kv_pairs}: distinct keys come "
-                f"from [1, vocab_size // 2), so vocab_size must be >= 2 * num_kv_pairs + 2 = "
-                f"{2 * self.num_kv_pairs + 2}"
-            )
-        if not (isinstance(self.power_a, (int, float)) and 0 < self.power_a <= 1):
-            raise ValueError(f"power_a={self.power_a!r} must be a float in (0, 1] (1 = uniform query placement)")
+        require_int("MQARConfig.seq_len", self.seq_len, min=4)
+        require_int("MQARConfig.num_kv_pairs", self.num_kv_pairs, min=1)
+        require_int("MQARConfig.vocab_size", self.vocab_size, min=4)
+        require_bool("MQARConfig.random_non_queries", self.random_non_queries)
+        require_float("MQARConfig.power_a", self.power_a, min=0, min_open=True, max=1)  # 1 = uniform placement
+        require(self.seq_len % 2 == 0, f"MQARConfig.seq_len={self.seq_len} must be even (MQAR alternates key and "
+                                       "value slots)")  # fmt: skip
+        require(
+            4 * self.num_kv_pairs <= self.seq_len,
+            f"MQARConfig.num_kv_pairs={self.num_kv_pairs} needs seq_len >= 4 * num_kv_pairs = {4 * self.num_kv_pairs} "
+            f"(2K context tokens plus K query slots among the (seq_len - 2K) / 2 even offsets); got {self.seq_len}",
+        )
+        require(
+            self.vocab_size // 2 - 1 >= self.num_kv_pairs,
+            f"MQARConfig.vocab_size={self.vocab_size} is too small for num_kv_pairs={self.num_kv_pairs}: distinct keys "
+            f"come from [1, vocab_size // 2), so vocab_size must be >= 2 * num_kv_pairs + 2 = "
+            f"{2 * self.num_kv_pairs + 2}",
+        )
 
     @property
     def name(self) -> str:
@@ -114,8 +103,8 @@ class InductionHeadsConfig:
     task = "induction_heads"
 
     def __post_init__(self):
-        _check_int("seq_len", self.seq_len, 3)
-        _check_int("vocab_size", self.vocab_size, 3)  # the trigger plus at least two ordinary tokens
+        require_int("InductionHeadsConfig.seq_len", self.seq_len, min=3)
+        require_int("InductionHeadsConfig.vocab_size", self.vocab_size, min=3)  # the trigger plus two ordinary tokens
 
     @property
     def name(self) -> str:
@@ -133,14 +122,14 @@ class SelectiveCopyingConfig:
     task = "selective_copying"
 
     def __post_init__(self):
-        _check_int("seq_len", self.seq_len, 2)
-        _check_int("num_tokens", self.num_tokens, 1)
-        _check_int("vocab_size", self.vocab_size, 3)  # noise 0, marker V-1, data tokens [1, V-1)
-        if self.seq_len < 2 * self.num_tokens:
-            raise ValueError(
-                f"seq_len={self.seq_len} must be >= 2 * num_tokens = {2 * self.num_tokens} "
-                "(a context holding the data tokens, then one marker per data token)"
-            )
+        require_int("SelectiveCopyingConfig.seq_len", self.seq_len, min=2)
+        require_int("SelectiveCopyingConfig.num_tokens", self.num_tokens, min=1)
+        require_int("SelectiveCopyingConfig.vocab_size", self.vocab_size, min=3)  # noise 0, marker V-1, data [1, V-1)
+        require(
+            self.seq_len >= 2 * self.num_tokens,
+            f"SelectiveCopyingConfig.seq_len={self.seq_len} must be >= 2 * num_tokens = {2 * self.num_tokens} "
+            "(a context holding the data tokens, then one marker per data token)",
+        )
 
     @property
     def name(self) -> str:
@@ -165,18 +154,17 @@ class PasskeyConfig:
     task = "passkey"
 
     def __post_init__(self):
-        _check_int("seq_len", self.seq_len, 4)
-        _check_int("num_digits", self.num_digits, 1)
-        _check_int("vocab_size", self.vocab_size, PASSKEY_MARKER + 2)
-        if self.seq_len < 2 * (self.num_digits + 1):
-            raise ValueError(
-                f"seq_len={self.seq_len} must be >= 2 * (num_digits + 1) = {2 * (self.num_digits + 1)} "
-                "(the needle KEY d1..dD and the query KEY d1..dD)"
-            )
-        if self.depth is not None and not (isinstance(self.depth, (int, float)) and 0 <= self.depth <= 1):
-            raise ValueError(f"depth={self.depth!r} must be None (uniform) or a float in [0, 1]")
-        if self.filler not in ("random", "repeat"):
-            raise ValueError(f"filler={self.filler!r} must be 'random' or 'repeat'")
+        require_int("PasskeyConfig.seq_len", self.seq_len, min=4)
+        require_int("PasskeyConfig.num_digits", self.num_digits, min=1)
+        require_int("PasskeyConfig.vocab_size", self.vocab_size, min=PASSKEY_MARKER + 2)
+        require(
+            self.seq_len >= 2 * (self.num_digits + 1),
+            f"PasskeyConfig.seq_len={self.seq_len} must be >= 2 * (num_digits + 1) = {2 * (self.num_digits + 1)} "
+            "(the needle KEY d1..dD and the query KEY d1..dD)",
+        )
+        if self.depth is not None:  # None: uniform
+            require_float("PasskeyConfig.depth", self.depth, min=0, max=1)
+        require_choice("PasskeyConfig.filler", self.filler, ("random", "repeat"))
 
     @property
     def name(self) -> str:
@@ -192,12 +180,10 @@ TASKS: dict[str, type] = {
 
 def make_task(task: str, **kwargs: Any) -> TaskConfig:
     """Builds a task config by name (``"mqar"``, ``"induction_heads"``, ``"selective_copying"``, ``"passkey"``)."""
-    if task not in TASKS:
-        raise ValueError(f"task={task!r} is not one of {sorted(TASKS)}")
+    require_choice("make_task: task", task, sorted(TASKS))
     fields = {f.name for f in dataclasses.fields(TASKS[task])}
     unknown = sorted(set(kwargs) - fields)
-    if unknown:
-        raise ValueError(f"unknown field(s) {unknown} for task={task!r}; allowed: {sorted(fields)}")
+    require(not unknown, f"make_task: unknown field(s) {unknown} for task={task!r}; allowed: {sorted(fields)}")
     return TASKS[task](**kwargs)
 
 
@@ -289,20 +275,25 @@ _GENERATORS: dict[type, Callable[[Any, np.random.Generator], Example]] = {
 }
 
 
+def _require_task(name: str, task: Any) -> None:
+    if type(task) not in _GENERATORS:
+        raise TypeError(f"{name} must be one of {[c.__name__ for c in _GENERATORS]}, got {type(task).__name__}")
+
+
 def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of one example: ``default_rng([seed, SPLITS[split], index])``."""
-    _check_int("seed", seed, 0)
-    _check_int("index", index, 0)
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} must be one of {list(SPLITS)}")
-    return np.random.default_rng([int(seed), SPLITS[split], int(index)])
+    seed, index = require_int("seed", seed, min=0), require_int("index", index, min=0)
+    require_choice("split", split, list(SPLITS))
+    return np.random.default_rng([seed, SPLITS[split], index])
 
 
 def generate(task: TaskConfig, index: int, *, seed: int, split: str = "train") -> Example:
     """Example ``index`` of ``split`` for ``task``: dict(inputs int32 [L], targets int32 [L], loss_mask bool [L])."""
-    if type(task) not in _GENERATORS:
-        raise ValueError(f"task must be one of {[c.__name__ for c in _GENERATORS]}, got {type(task).__name__}")
-    return _GENERATORS[type(task)](task, example_rng(seed, split, index))
+    _require_task("generate: task", task)
+    ex = _GENERATORS[type(task)](task, example_rng(seed, split, index))
+    for key in ("inputs", "targets"):  # the generators' own contract, checked on every example (two reductions)
+        check_token_ids(f"generate({task.name}): {key}", ex[key], task.vocab_size)
+    return ex
 
 
 class SyntheticSource:
@@ -310,13 +301,11 @@ class SyntheticSource:
     ``index`` (int64). Equal, record for record, to the TFDS dataset prepared from the same task, split and seed."""
 
     def __init__(self, task: TaskConfig, *, split: str, num_examples: int, seed: int = 0):
-        if type(task) not in _GENERATORS:
-            raise ValueError(f"task must be a task config, got {type(task).__name__}")
-        _check_int("num_examples", num_examples, 1)
-        _check_int("seed", seed, 0)
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} must be one of {list(SPLITS)}")
-        self.task, self.split, self.num_examples, self.seed = task, split, int(num_examples), int(seed)
+        _require_task("SyntheticSource: task", task)
+        num_examples = require_int("SyntheticSource: num_examples", num_examples, min=1)
+        seed = require_int("SyntheticSource: seed", seed, min=0)
+        require_choice("SyntheticSource: split", split, list(SPLITS))
+        self.task, self.split, self.num_examples, self.seed = task, split, num_examples, seed
 
     def __len__(self) -> int:
         return self.num_examples

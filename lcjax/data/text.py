@@ -26,6 +26,7 @@ from typing import SupportsIndex
 
 import numpy as np
 
+from lcjax.checks import check_token_ids, require, require_float
 from lcjax.typing import Bool, Int
 
 
@@ -43,7 +44,7 @@ class ByteTokenizer:
         if isinstance(text, str):
             text = text.encode("utf-8")
         if not isinstance(text, (bytes, bytearray, memoryview)):
-            raise ValueError(f"text must be str or bytes, got {type(text).__name__}")
+            raise TypeError(f"ByteTokenizer.encode: text must be str or bytes, got {type(text).__name__}")
         body = np.frombuffer(bytes(text), np.uint8).astype(np.int32)
         parts = [np.array([self.BOS], np.int32)] * add_bos + [body] + [np.array([self.EOS], np.int32)] * add_eos
         return np.concatenate(parts)
@@ -51,10 +52,8 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """The text of the byte ids in ``ids`` (special ids dropped; invalid UTF-8 becomes U+FFFD)."""
         ids = np.asarray(ids)
-        if ids.ndim != 1:
-            raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"ids must lie in [0, {self.vocab_size}), got range [{ids.min()}, {ids.max()}]")
+        require(ids.ndim == 1, f"ByteTokenizer.decode: ids must be 1-D, got shape {ids.shape}")
+        check_token_ids("ByteTokenizer.decode: ids", ids, self.vocab_size)
         return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
@@ -155,11 +154,9 @@ def bits_per_byte(mean_nll_nats: float, tokens_per_byte: float = 1.0) -> float:
     For an eval set, ``tokens_per_byte = #scored tokens / #scored bytes`` (``count_bytes``); with the byte tokenizer
     it is slightly above 1 because each document's EOS is scored too.
     """
-    if not math.isfinite(mean_nll_nats) or mean_nll_nats < 0:
-        raise ValueError(f"mean_nll_nats={mean_nll_nats} must be a finite, non-negative NLL")
-    if not tokens_per_byte > 0:
-        raise ValueError(f"tokens_per_byte={tokens_per_byte} must be > 0")
-    return float(mean_nll_nats) * float(tokens_per_byte) / math.log(2.0)
+    mean_nll_nats = require_float("bits_per_byte: mean_nll_nats", mean_nll_nats, min=0)
+    tokens_per_byte = require_float("bits_per_byte: tokens_per_byte", tokens_per_byte, min=0, min_open=True)
+    return mean_nll_nats * tokens_per_byte / math.log(2.0)
 
 
 def count_bytes(targets: Int[np.ndarray, "*shape"], loss_mask: Bool[np.ndarray, "*shape"]) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from lcjax.checks import require_int
 from lcjax.data import synthetic
 from lcjax.data.synthetic import (
     InductionHeadsConfig,
@@ -56,10 +57,11 @@ def synthetic_builder_config(
 ) -> SyntheticBuilderConfig:
     """The builder config of ``task`` with ``num_train`` / ``num_validation`` examples drawn with ``seed``."""
     if type(task) not in synthetic.TASKS.values():
-        raise ValueError(f"task must be a task config of lcjax.data.synthetic, got {type(task).__name__}")
-    synthetic._check_int("num_train", num_train, 1)
-    synthetic._check_int("num_validation", num_validation, 1)
-    synthetic._check_int("seed", seed, 0)
+        raise TypeError(f"synthetic_builder_config: task must be a task config of lcjax.data.synthetic, got "
+                        f"{type(task).__name__}")  # fmt: skip
+    num_train = require_int("synthetic_builder_config: num_train", num_train, min=1)
+    num_validation = require_int("synthetic_builder_config: num_validation", num_validation, min=1)
+    seed = require_int("synthetic_builder_config: seed", seed, min=0)
     return SyntheticBuilderConfig(
         name=f"{task.name}_n{num_train}-{num_validation}_s{seed}",
         version=VERSION,

@@ -22,14 +22,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcjax import sharding
+from lcjax import checks, sharding
 from lcjax.layers.basic import normal_init
 from lcjax.ops import attention as attention_ops
 from lcjax.ops import context_parallel
 from lcjax.ops import rope as rope_ops
+from lcjax.ops import segments
 from lcjax.typing import Array, Float, Int
 
-EMPTY_SEGMENT = -1
+EMPTY_SEGMENT = -1  # internal: the segment id of empty cache slots (no query has it; never user input)
 _KV_NAMES = ("act_batch", "act_kv_seq", "act_kv_heads", None)
 
 
@@ -48,17 +49,28 @@ class AttentionConfig:
     context_impl: str = "ring"  # under context parallelism: "ring" (memory O(L/n)) or "allgather" (see ops.context_parallel)
 
     def __post_init__(self):
-        for name in ("d_model", "n_heads", "n_kv_heads", "head_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"AttentionConfig.{name}={getattr(self, name)} must be >= 1")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"AttentionConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"AttentionConfig.head_dim={self.head_dim} must be even (RoPE)")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"AttentionConfig.window={self.window} must be >= 1 or None")
-        if self.context_impl not in ("ring", "allgather"):
-            raise ValueError(f"AttentionConfig.context_impl={self.context_impl!r}; allowed: 'ring', 'allgather'")
+        name = "AttentionConfig."
+        for field in ("d_model", "n_heads", "n_kv_heads", "head_dim"):
+            checks.require_int(name + field, getattr(self, field), min=1)
+        checks.require(self.n_heads % self.n_kv_heads == 0,
+                       f"{name}n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")  # fmt: skip
+        checks.require(self.head_dim % 2 == 0, f"{name}head_dim={self.head_dim} must be even (RoPE)")
+        checks.require(isinstance(self.rope, rope_ops.RopeConfig),
+                       f"{name}rope must be a RopeConfig, got {type(self.rope).__name__}")  # fmt: skip
+        for field in ("qkv_bias", "o_bias", "causal"):
+            checks.require_bool(name + field, getattr(self, field))
+        checks.require_optional_int(name + "window", self.window, min=1)
+        checks.require_choice(name + "impl", self.impl, tuple(i.value for i in attention_ops.Impl))
+        checks.require_choice(name + "context_impl", self.context_impl, ("ring", "allgather"))
+
+    def check_mesh(self) -> None:
+        """The heads divide the mesh axes that shard them (``ValueError`` naming the field and the axis size)."""
+        for field, logical in (("n_heads", "heads"), ("n_kv_heads", "kv_heads"), ("n_heads", "act_heads"),
+                               ("n_kv_heads", "act_kv_heads")):  # fmt: skip
+            n, size = getattr(self, field), sharding.axis_size(logical)
+            checks.require(n % size == 0, f"AttentionConfig.{field}={n} must be divisible by the size {size} of the "
+                           f"mesh axes {sharding.mesh_axes(logical)} that shard {logical!r} (the tensor axis under "
+                           "tensor parallelism); choose a tensor axis size that divides it")  # fmt: skip
 
 
 class KVCache(NamedTuple):
@@ -101,6 +113,7 @@ class KVCache(NamedTuple):
 
 class Attention(nnx.Module):
     def __init__(self, cfg: AttentionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        cfg.check_mesh()
         self.cfg = cfg
         D, H, K, P = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         shapes = {"q": (D, H, P), "k": (D, K, P), "v": (D, K, P), "o": (H, P, D)}
@@ -168,10 +181,20 @@ class Attention(nnx.Module):
         self, x_BLD: Float[Array, "B L D"], *, positions_BL: Int[Array, "B L"] | None = None,
         segment_ids_BL: Int[Array, "B L"] | None = None, cache: KVCache | None = None,
     ) -> tuple[Float[Array, "B L D"], KVCache | None]:  # fmt: skip
-        """``(y, cache)``. Positions default to ``0..L-1`` (after ``cache.index`` when decoding), segments to one."""
+        """``(y, cache)``. Positions default to ``0..L-1`` (after ``cache.index`` when decoding), segments to one.
+
+        ``segment_ids_BL`` (``lcjax.ops.segments``; negative ids are refused when concrete) may come in any order:
+        context-parallel layouts permute rows, so the no-reuse rule is checked upstream, before the permutation.
+        """
+        checks.require(x_BLD.ndim == 3 and x_BLD.shape[-1] == self.cfg.d_model,
+                       f"Attention: x_BLD must be [batch, length, AttentionConfig.d_model={self.cfg.d_model}], got "
+                       f"shape {tuple(x_BLD.shape)}")  # fmt: skip
+        self.cfg.check_mesh()
         B, L, _ = x_BLD.shape
         if segment_ids_BL is None:
-            segment_ids_BL = jnp.zeros((B, L), jnp.int32)
+            segment_ids_BL = jnp.ones((B, L), jnp.int32)  # one document, as at the LM
+        segment_ids_BL = segments.check_segment_ids("Attention: segment_ids_BL", segment_ids_BL, shape=(B, L),
+                                                    ordered=False)  # fmt: skip
         if positions_BL is None:
             start = 0 if cache is None else cache.index
             positions_BL = start + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))

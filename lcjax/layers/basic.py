@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lcjax import sharding
+from lcjax import checks, sharding
 from lcjax.typing import Array, Float, Int
 
 
@@ -40,9 +40,8 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
-        if dim < 1:
-            raise ValueError(f"RMSNorm: dim={dim} must be >= 1")
-        self.eps = eps
+        checks.require_int("RMSNorm: dim", dim, min=1)
+        self.eps = checks.require_float("RMSNorm: eps", eps, min=0.0, min_open=True)
         self.weight = sharding.param(jnp.ones((dim,), param_dtype), "embed")
 
     def __call__(self, x: Float[Array, "*B D"]) -> Float[Array, "*B D"]:
@@ -53,6 +52,8 @@ class Embedding(nnx.Module):
     """Token embedding ``[V, D]``; ``attend`` reuses it as the output projection (tied embeddings)."""
 
     def __init__(self, vocab_size: int, dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        checks.require_int("Embedding: vocab_size", vocab_size, min=1)
+        checks.require_int("Embedding: dim", dim, min=1)
         w_VD = normal_init(rngs.params(), {"w": (vocab_size, dim)}, std=0.02, dtype=param_dtype)["w"]  # HF Llama init
         self.vocab_size = vocab_size
         self.weight = sharding.param(w_VD, "vocab", "embed")
@@ -60,15 +61,19 @@ class Embedding(nnx.Module):
     def __call__(self, tokens_BL: Int[Array, "B L"], dtype=jnp.float32) -> Float[Array, "B L D"]:
         return sharding.take(sharding.read(self.weight), tokens_BL, out=("act_batch", "act_seq", "act_embed")).astype(dtype)
 
-    def attend(self, x_BLD: Float[Array, "B L D"]) -> Float[Array, "B L V"]:
+    def attend(self, x_BLD: Float[Array, "B L D"], *, seq: str | None = "act_seq") -> Float[Array, "B L V"]:
+        """Logits against the embedding table; ``seq``: the logical name of the length axis."""
         w_VD = sharding.read(self.weight, x_BLD.dtype)
-        return sharding.einsum("BLD,VD->BLV", x_BLD, w_VD, out=("act_batch", "act_seq", "act_vocab"))
+        return sharding.einsum("BLD,VD->BLV", x_BLD, w_VD, out=("act_batch", seq, "act_vocab"))
 
 
 class MLP(nnx.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
     def __init__(self, dim: int, hidden: int, *, bias: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        checks.require_int("MLP: dim", dim, min=1)
+        checks.require_int("MLP: hidden", hidden, min=1)
+        checks.require_bool("MLP: bias", bias)
         w = normal_init(rngs.params(), {"gate": (dim, hidden), "up": (dim, hidden), "down": (hidden, dim)}, std=0.02,
                         dtype=param_dtype)  # fmt: skip
         self.gate_proj = sharding.param(w["gate"], "embed", "mlp")

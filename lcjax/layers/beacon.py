@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcjax import sharding
+from lcjax import checks, sharding
 from lcjax.layers.attention import Attention
 from lcjax.ops import attention as attention_ops
 from lcjax.ops import rope as rope_ops
@@ -62,10 +62,9 @@ def beacon_param(value: jax.Array, *logical: str | None) -> BeaconParam:
 # Config
 # ---------------------------------------------------------------------------------------------------------------
 def _check_ratio(field: str, r, window: int) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"BeaconConfig.{field}: ratio {r!r} must be an int >= 0 (0 = no compression)")
-    if r > 0 and (r > window or window % r):
-        raise ValueError(f"BeaconConfig.{field}: ratio {r} must divide window={window} (and be <= window), or be 0")
+    checks.require_int(f"BeaconConfig.{field}", r, min=0)  # 0 = no compression
+    checks.require(r == 0 or (r <= window and window % r == 0),
+                   f"BeaconConfig.{field}: ratio {r} must divide window={window} (and be <= window), or be 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,41 +95,29 @@ class BeaconConfig:
     embed_init: int | str = 2  # Llama-2's eos id
 
     def __post_init__(self):
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"BeaconConfig.window={self.window!r} must be a positive int")
+        checks.require_int("BeaconConfig.window", self.window, min=1)
         if self.stride is None:
             object.__setattr__(self, "stride", self.window)
-        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
-            raise ValueError(f"BeaconConfig.stride={self.stride!r} must be a positive int")
-        if self.stride > self.window:
-            raise ValueError(f"BeaconConfig.stride={self.stride} must be <= window={self.window}")
-        if self.stride != self.window:
-            raise ValueError(
-                f"BeaconConfig.stride={self.stride} < window={self.window} (overlapping v1 windows) is not supported; "
-                "use stride == window"
-            )
+        checks.require_int("BeaconConfig.stride", self.stride, min=1, max=self.window)
+        checks.require(self.stride == self.window,
+                       f"BeaconConfig.stride={self.stride} < window={self.window} (overlapping v1 windows) is not "
+                       "supported; use stride == window")  # fmt: skip
         _check_ratio("ratio", self.ratio, self.window)
         object.__setattr__(self, "train_ratios", tuple(self.train_ratios))
-        if not self.train_ratios:
-            raise ValueError("BeaconConfig.train_ratios must hold at least one ratio")
+        checks.require(len(self.train_ratios) > 0, "BeaconConfig.train_ratios must hold at least one ratio")
         for r in self.train_ratios:
-            _check_ratio("train_ratios", r, self.window)
-        if self.ratio_mix not in RATIO_MIXES and not _ADAPT.match(str(self.ratio_mix)):
-            raise ValueError(f"BeaconConfig.ratio_mix={self.ratio_mix!r}; allowed: {RATIO_MIXES} or 'adapt-N'")
-        if self.scheme not in SCHEMES:
-            raise ValueError(f"BeaconConfig.scheme={self.scheme!r}; allowed: {SCHEMES}")
+            _check_ratio("train_ratios entry", r, self.window)
+        checks.require_str("BeaconConfig.ratio_mix", self.ratio_mix)
+        checks.require(self.ratio_mix in RATIO_MIXES or bool(_ADAPT.match(self.ratio_mix)),
+                       f"BeaconConfig.ratio_mix={self.ratio_mix!r}; allowed: {RATIO_MIXES} or 'adapt-N'")  # fmt: skip
+        checks.require_choice("BeaconConfig.scheme", self.scheme, SCHEMES)
         object.__setattr__(self, "beacon_params", tuple(self.beacon_params))
-        bad = [p for p in self.beacon_params if p not in BEACON_PARAMS]
-        if bad or len(set(self.beacon_params)) != len(self.beacon_params):
-            raise ValueError(f"BeaconConfig.beacon_params={self.beacon_params!r}: distinct entries of {BEACON_PARAMS}")
-        if isinstance(self.sink_size, bool) or not isinstance(self.sink_size, int) or self.sink_size < 0:
-            raise ValueError(f"BeaconConfig.sink_size={self.sink_size!r} must be an int >= 0")
-        if self.sink_size > self.window:
-            raise ValueError(f"BeaconConfig.sink_size={self.sink_size} must be <= window={self.window}")
-        if self.embed_init != "random" and (
-            isinstance(self.embed_init, bool) or not isinstance(self.embed_init, int) or self.embed_init < 0
-        ):
-            raise ValueError(f"BeaconConfig.embed_init={self.embed_init!r} must be a token id >= 0 or 'random'")
+        checks.require(all(p in BEACON_PARAMS for p in self.beacon_params)
+                       and len(set(self.beacon_params)) == len(self.beacon_params),
+                       f"BeaconConfig.beacon_params={self.beacon_params!r}: distinct entries of {BEACON_PARAMS}")
+        checks.require_int("BeaconConfig.sink_size", self.sink_size, min=0, max=self.window)
+        if self.embed_init != "random":
+            checks.require_int("BeaconConfig.embed_init", self.embed_init, min=0)  # a token id (or "random")
 
     # ---- derived sizes ------------------------------------------------------------------------------------
     @property
@@ -157,11 +144,9 @@ class BeaconConfig:
     def check_model(self, max_positions: int) -> None:
         """A window's chunk (sink, raw tokens and beacons) must fit the base model's positions."""
         need = self.sink_size + self.window + self.max_beacons()
-        if need >= max_positions:
-            raise ValueError(
-                f"BeaconConfig.window={self.window}: sink_size + window + window/ratio = {need} position slots must be "
-                f"< the base model's max positions (LMConfig.max_seq_len={max_positions})"
-            )
+        checks.require(need < max_positions,
+                       f"BeaconConfig.window={self.window}: sink_size + window + window/ratio = {need} position slots "
+                       f"must be < the base model's max positions (LMConfig.max_seq_len={max_positions})")  # fmt: skip
 
     def adapt_ratio(self, length: int, max_positions: int) -> int:
         """Upstream "adapt-N": the smallest training ratio r > 0 with ``(max_positions - W) * r + W >= length + N``;

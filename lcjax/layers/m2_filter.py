@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lcjax import sharding
+from lcjax import checks, sharding
 from lcjax.typing import Array, Float
 
 LINEAR_INITS = ("torch", "bert")
@@ -63,13 +63,18 @@ class HyenaFilterConfig:
     linear_init: str = "torch"  # "torch": nn.Linear's U(±1/√fan_in); "bert": HF post_init N(0, 0.02), zero bias
 
     def __post_init__(self):
-        for name in ("d_model", "l_max", "order"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"HyenaFilterConfig.{name}={getattr(self, name)} must be >= 1")
-        if self.emb_dim < 3 or self.emb_dim % 2 == 0:
-            raise ValueError(f"HyenaFilterConfig.emb_dim={self.emb_dim} must be odd and >= 3 (time, cos, sin)")
-        if self.linear_init not in LINEAR_INITS:
-            raise ValueError(f"HyenaFilterConfig.linear_init={self.linear_init!r}; allowed: {LINEAR_INITS}")
+        name = "HyenaFilterConfig."
+        for field in ("d_model", "l_max", "order"):
+            checks.require_int(name + field, getattr(self, field), min=1)
+        checks.require_int(name + "emb_dim", self.emb_dim)
+        checks.require(self.emb_dim >= 3 and self.emb_dim % 2 == 1,
+                       f"{name}emb_dim={self.emb_dim} must be odd and >= 3 (time, cos, sin)")  # fmt: skip
+        for field in ("w", "w_mod", "shift"):
+            checks.require_float(name + field, getattr(self, field))
+        for field in ("fast_decay_pct", "slow_decay_pct", "target"):
+            checks.require_float(name + field, getattr(self, field), min=0, min_open=True)
+        checks.require_bool(name + "bidirectional", self.bidirectional)
+        checks.require_choice(name + "linear_init", self.linear_init, LINEAR_INITS)
 
 
 def positional_features(l_max: int, emb_dim: int) -> np.ndarray:
@@ -110,8 +115,8 @@ def random_parts(key, specs: list[tuple[tuple[int, ...], str, float]], dtype=jnp
         start += math.prod(shape)
         if kind == "normal":
             part = np.sqrt(2.0).astype(np.float32) * jax.lax.erf_inv(part)
-        elif kind != "uniform":
-            raise ValueError(f"random_parts: kind={kind!r}; allowed: uniform, normal, zeros")
+        else:
+            checks.require_choice("random_parts: kind", kind, ("uniform", "normal", "zeros"))
         out.append(scale * part)
     return out
 
@@ -167,8 +172,9 @@ class HyenaFilter(nnx.Module):
 
     def kernels(self, length: int) -> tuple[Float[Array, "L D"], Float[Array, "L D"] | None]:
         cfg = self.cfg
-        if not 1 <= length <= cfg.l_max:
-            raise ValueError(f"HyenaFilter: sequence length {length} must be in [1, l_max={cfg.l_max}]")
+        checks.require_int("HyenaFilter.kernels: length", length)
+        checks.require(1 <= length <= cfg.l_max,
+                       f"HyenaFilter: sequence length {length} must be in [1, l_max={cfg.l_max}]")  # fmt: skip
         z_LE = self.z[...][:length]
         t_L1 = jax.lax.stop_gradient(self.t[...][:length, None])  # buffers: no gradient, as upstream
         deltas_1D = jax.lax.stop_gradient(self.deltas[...][None])

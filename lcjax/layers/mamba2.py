@@ -15,21 +15,21 @@ per piece, in its natural shape, under the HF names: ``in_proj.{z,x,B,C,dt}`` (D
 shard over ``heads`` (tensor parallel); the B/C groups are replicated (they are small). ``lcjax/convert/mamba2.py``
 splits and joins HF's arrays.
 
-Under a mesh the SSD runs in ``sharding.shard_map`` over batch and heads. Context parallelism (rules preset
-``context_parallel``: the mesh shards ``act_seq``) switches the mixer to sequence-parallel SSD by itself
-(``lcjax/ops/ssd_context_parallel.py``): every device keeps its contiguous slice of the sequence from in_proj to
-out_proj; the causal conv gets the previous shard's last W-1 inputs (one ``ppermute``) and the SSD passes
-per-shard (final state, total decay) pairs (one ``all_gather`` of O(B·H·P·N), independent of L). It composes with
-batch (data/fsdp) and heads (tensor) sharding. The sequence is gathered instead (the result is the same, the
-memory is not) when the sequence is not contiguous-sharded evenly: L not divisible by the context size, a shard
-shorter than d_conv - 1 (decoding ``step`` included), or calibrated state clipping (``state_norm``, not affine in
-the entering state). This matches the attention layer, which also falls back to gathering keys/values there.
+Sharding: the conv and the SSD are global-array ops in ``lcjax/ops/ssd_context_parallel.py`` (as attention's are
+in ``lcjax/ops/context_parallel.py``). Under context parallelism (rules preset ``context_parallel``: the mesh
+shards ``act_seq``) every device keeps its slice of the sequence from in_proj to out_proj (conv halo: one
+``ppermute``; SSD state passing: one ``all_gather`` of O(B·H·P·N)); it composes with batch and heads (tensor)
+sharding. ``ssd_context_parallel.sequence_axis`` says when the sequence is gathered instead (L not divisible, a
+shard shorter than d_conv - 1, decoding ``step``, state clipping): the result is the same, the memory is not.
 
-Long-context options (``LongContextConfig``, all off by default; off == bit-identical to the plain mixer):
-"Stuffed Mamba" (Chen et al., arXiv 2410.07145, thunlp/stuffed-mamba): A, Δ, dt_bias, decay and B multipliers and
-per-head state-norm clipping with calibrated τ; "LongMamba" (Ye et al., ICLR 2025, arXiv 2504.16053,
-GATECH-EIC/LongMamba, method ``dt_thre``): global-head detection and Δ-threshold token filtering in prefill. The
-calibrated statistics live in ``LongContextStat`` variables (not parameters) set by ``calibrate_long_context``.
+Packed documents: ``seq_idx_BL`` takes lcjax segment ids (``lcjax.ops.segments``: a document is a run of one
+positive id, 0 = padding). Mamba-2 starts a document wherever the id changes, so a padding run is a run of its own
+and neither conv taps nor the SSM state cross it.
+
+Long-context options (``LongContextConfig``, off by default; off == bit-identical to the plain mixer): "Stuffed
+Mamba" (Chen et al., arXiv 2410.07145, thunlp/stuffed-mamba) and "LongMamba" (Ye et al., ICLR 2025, arXiv
+2504.16053, GATECH-EIC/LongMamba, method ``dt_thre``); their calibrated statistics are ``LongContextStat`` variables
+(not parameters) set by ``calibrate_long_context``.
 
 Dimension key (lcjax/typing.py): B batch, L length, D model, H heads, P head dim, G groups, N state, W conv width.
 """
@@ -42,23 +42,20 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from lcjax import sharding
-from lcjax.ops import conv as conv_ops
+from lcjax.checks import (
+    require, require_bool, require_choice, require_float, require_int, require_optional_int, validated_by,
+)  # fmt: skip
+from lcjax.ops import segments
 from lcjax.ops import ssd as ssd_ops
 from lcjax.ops import ssd_context_parallel as ssd_cp
-from lcjax.ops.ssd import Impl, _validated_by
+from lcjax.ops.ssd import Impl
 from lcjax.typing import Array, Float, Int
 
 LONGMAMBA_LENGTHS = (1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 10000, 12000, 14000, 16000, 20000, 24000,
                      30000, 36000, 44000, 54000, 64000, 80000, 96000, 120000, 144000, 168000, 192000)  # fmt: skip
-
-
-def _positive_int(owner: str, name: str, value) -> None:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}.{name}={value!r} must be a positive int")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,22 +88,24 @@ class LongContextConfig:
     longmamba_clamp_top: float | None = None
 
     def __post_init__(self):
-        for name in ("a_mult", "dt_mult", "b_mult", "longmamba_b"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"LongContextConfig.{name}={getattr(self, name)!r} must be > 0")
-        if not 0.0 < self.decay_mult <= 1.0:
-            raise ValueError(f"LongContextConfig.decay_mult={self.decay_mult!r} must be in (0, 1]")
-        if not self.longmamba_c >= 0.0:
-            raise ValueError(f"LongContextConfig.longmamba_c={self.longmamba_c!r} must be >= 0")
-        if self.state_norm_chunk is not None:
-            _positive_int("LongContextConfig", "state_norm_chunk", self.state_norm_chunk)
-        _positive_int("LongContextConfig", "longmamba_min_len", self.longmamba_min_len)
+        name = lambda field: f"LongContextConfig.{field}"  # noqa: E731
+        for field in ("a_mult", "dt_mult", "b_mult", "longmamba_b"):
+            require_float(name(field), getattr(self, field), min=0.0, min_open=True)
+        require_float(name("dt_bias_mult"), self.dt_bias_mult)
+        require_float(name("decay_mult"), self.decay_mult, min=0.0, min_open=True, max=1.0)
+        require_float(name("longmamba_c"), self.longmamba_c, min=0.0)
+        require_bool(name("state_norm"), self.state_norm)
+        require_bool(name("longmamba"), self.longmamba)
+        object.__setattr__(self, "state_norm_chunk", require_optional_int(name("state_norm_chunk"),
+                                                                          self.state_norm_chunk, min=1))
+        object.__setattr__(self, "longmamba_min_len", require_int(name("longmamba_min_len"), self.longmamba_min_len,
+                                                                  min=1))
         lengths = tuple(self.longmamba_lengths)
-        if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
-            raise ValueError(f"LongContextConfig.longmamba_lengths={self.longmamba_lengths!r}: positive ints needed")
+        require(len(lengths) > 0, f"{name('longmamba_lengths')}={self.longmamba_lengths!r}: positive ints needed")
+        lengths = tuple(require_int(f"{name('longmamba_lengths')}[{i}]", n, min=1) for i, n in enumerate(lengths))
         object.__setattr__(self, "longmamba_lengths", lengths)
-        if self.longmamba_clamp_top is not None and not 0.0 < self.longmamba_clamp_top <= 1.0:
-            raise ValueError(f"LongContextConfig.longmamba_clamp_top={self.longmamba_clamp_top!r} must be in (0, 1]")
+        if self.longmamba_clamp_top is not None:
+            require_float(name("longmamba_clamp_top"), self.longmamba_clamp_top, min=0.0, min_open=True, max=1.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -140,38 +139,35 @@ class Mamba2Config:
     long_context: LongContextConfig = LongContextConfig()
 
     def __post_init__(self):
-        for name in ("d_model", "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
-            _positive_int("Mamba2Config", name, getattr(self, name))
-        if self.d_inner % self.head_dim:
-            raise ValueError(f"Mamba2Config.head_dim={self.head_dim} must divide d_inner = expand·d_model = "
-                             f"{self.d_inner}")  # fmt: skip
-        if self.num_heads % self.n_groups:
-            raise ValueError(f"Mamba2Config.n_groups={self.n_groups} must divide num_heads = {self.num_heads}")
-        if not 0.0 < self.dt_min <= self.dt_max:
-            raise ValueError(f"Mamba2Config.dt_min={self.dt_min}, dt_max={self.dt_max}: need 0 < dt_min <= dt_max")
-        if not self.dt_init_floor >= 0.0:
-            raise ValueError(f"Mamba2Config.dt_init_floor={self.dt_init_floor} must be >= 0")
-        lo, hi = self.dt_limit
-        if not 0.0 <= lo < hi:
-            raise ValueError(f"Mamba2Config.dt_limit={self.dt_limit} must satisfy 0 <= low < high")
-        a_lo, a_hi = self.A_init_range
-        if not 0.0 < a_lo <= a_hi:
-            raise ValueError(f"Mamba2Config.A_init_range={self.A_init_range} must satisfy 0 < low <= high")
-        if self.conv_init is not None and not self.conv_init > 0:
-            raise ValueError(f"Mamba2Config.conv_init={self.conv_init} must be > 0 or None")
-        if not self.norm_eps > 0:
-            raise ValueError(f"Mamba2Config.norm_eps={self.norm_eps} must be > 0")
-        try:
-            object.__setattr__(self, "impl", Impl(self.impl))
-        except ValueError:
-            raise ValueError(f"Mamba2Config.impl={self.impl!r}; allowed: 'naive', 'chunked'") from None
-        if self.impl is Impl.CONTEXT_PARALLEL:
-            raise ValueError("Mamba2Config.impl='context_parallel': the mixer switches to context-parallel SSD by "
-                             "itself when the mesh shards act_seq; allowed: 'naive', 'chunked'")  # fmt: skip
+        name = lambda field: f"Mamba2Config.{field}"  # noqa: E731
+        for field in ("d_model", "d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
+            object.__setattr__(self, field, require_int(name(field), getattr(self, field), min=1))
+        for field in ("conv_bias", "bias", "rmsnorm", "norm_before_gate"):
+            require_bool(name(field), getattr(self, field))
+        require(self.d_inner % self.head_dim == 0, f"{name('head_dim')}={self.head_dim} must divide d_inner = "
+                                                   f"expand·d_model = {self.d_inner}")  # fmt: skip
+        require(self.num_heads % self.n_groups == 0,
+                f"{name('n_groups')}={self.n_groups} must divide num_heads = {self.num_heads}")  # fmt: skip
+        dt_min = require_float(name("dt_min"), self.dt_min, min=0.0, min_open=True)
+        require_float(name("dt_max"), self.dt_max, min=dt_min)
+        require_float(name("dt_init_floor"), self.dt_init_floor, min=0.0)
+        lo, hi = _pair(name("dt_limit"), self.dt_limit)
+        lo = require_float(f"{name('dt_limit')}[0]", lo, min=0.0)
+        if hi != math.inf:  # the default upper limit: no clamp
+            hi = require_float(f"{name('dt_limit')}[1]", hi, min=lo, min_open=True)
+        a_lo, a_hi = _pair(name("A_init_range"), self.A_init_range)
+        a_lo = require_float(f"{name('A_init_range')}[0]", a_lo, min=0.0, min_open=True)
+        a_hi = require_float(f"{name('A_init_range')}[1]", a_hi, min=a_lo)
+        if self.conv_init is not None:
+            require_float(name("conv_init"), self.conv_init, min=0.0, min_open=True)
+        require_float(name("norm_eps"), self.norm_eps, min=0.0, min_open=True)
+        require(self.impl != Impl.CONTEXT_PARALLEL, "Mamba2Config.impl='context_parallel': the mixer switches to "
+                "context-parallel SSD by itself when the mesh shards act_seq; allowed: 'naive', 'chunked'")
+        object.__setattr__(self, "impl", Impl(require_choice(name("impl"), self.impl, ("naive", "chunked"))))
         if not isinstance(self.long_context, LongContextConfig):
-            raise ValueError(f"Mamba2Config.long_context must be a LongContextConfig, got {self.long_context!r}")
+            raise TypeError(f"{name('long_context')} must be a LongContextConfig, got {self.long_context!r}")
         object.__setattr__(self, "dt_limit", (float(lo), float(hi)))
-        object.__setattr__(self, "A_init_range", (float(a_lo), float(a_hi)))
+        object.__setattr__(self, "A_init_range", (a_lo, a_hi))
 
     @property
     def d_inner(self) -> int:
@@ -189,9 +185,13 @@ class Mamba2Config:
     def preset(cls, name: str, **overrides) -> Mamba2Config:
         """The mixers of state-spaces/mamba2-{130m,370m,780m,1.3b,2.7b} (d_state 128, head_dim 64, expand 2)."""
         widths = {"130m": 768, "370m": 1024, "780m": 1536, "1.3b": 2048, "2.7b": 2560}
-        if name not in widths:
-            raise ValueError(f"Mamba2Config.preset: unknown name {name!r}; allowed: {sorted(widths)}")
-        return cls(d_model=widths[name], **overrides)
+        return cls(d_model=widths[require_choice("Mamba2Config.preset: name", name, sorted(widths))], **overrides)
+
+
+def _pair(name: str, value) -> tuple:
+    if not isinstance(value, tuple | list) or len(value) != 2:
+        raise TypeError(f"{name} must be a (low, high) pair, got {value!r}")
+    return tuple(value)
 
 
 class Mamba2State(NamedTuple):
@@ -201,6 +201,10 @@ class Mamba2State(NamedTuple):
     conv_B: Float[Array, "B W G N"]
     conv_C: Float[Array, "B W G N"]
     ssm: Float[Array, "B H P N"]
+
+
+# Logical names of the state's axes after the batch: conv_x, conv_B, conv_C (W, then channels) and ssm (H, P, N).
+_STATE_AXES = ((None, "act_heads", None), (None, None, None), (None, None, None), ("act_heads", None, None))
 
 
 class LongContextStat(nnx.Variable):
@@ -284,54 +288,25 @@ class Mamba2(nnx.Module):
             conv_C=jnp.zeros((batch, W, G, N), dtype), ssm=jnp.zeros((batch, H, P, N), jnp.float32),
         )  # fmt: skip
 
-    def _seq_axis(self, L: int, clipping: bool) -> str | None:
-        """``"act_seq"`` when the mixer runs sequence-parallel (see the module docstring), else None (gathered)."""
-        n = sharding.axis_size("act_seq")
-        if n == 1 or L % n or L // n < self.cfg.d_conv - 1 or clipping:
-            return None
-        return "act_seq"
-
     def _project(self, x_BLD, state: Mamba2State, seq_idx_BL, seq: str | None = None):
         """in_proj, causal conv + silu, Δ: (z, x, B, C, Δ, conv histories), Δ in float32.
 
-        ``seq``: the sequence axis name of the activations (``_seq_axis``); "act_seq" runs the context-parallel conv.
+        ``seq``: the logical name of the sequence axis (``ssd_context_parallel.sequence_axis``; None: gathered).
         """
         cfg, lc, dt = self.cfg, self.cfg.long_context, x_BLD.dtype
-        act = lambda *names: ("act_batch", seq, *names)
-        read = lambda var: sharding.read(var, dt)
-        heads, groups = act("act_heads", None), act(None, None)
-        if sharding.axis_size("act_heads") == 1:
-            # Heads not split over devices: one matmul against the pieces side by side (HF's single in_proj),
-            # which XLA runs ~10% faster than five thin ones; under tensor parallelism the pieces stay apart.
-            Bsz, L, D = x_BLD.shape
-            H, P, G, N = cfg.num_heads, cfg.head_dim, cfg.n_groups, cfg.d_state
-            W_DF = jnp.concatenate([read(self.in_proj[k]).reshape(D, -1) for k in ("z", "x", "B", "C", "dt")], axis=1)
-            out_BLF = sharding.einsum("BLD,DF->BLF", x_BLD, W_DF, out=act(None))
-            z, xx, Bp, Cp, dt_BLH = jnp.split(out_BLF, np.cumsum([H * P, H * P, G * N, G * N]), axis=-1)
-            z_BLHP, x_BLHP = z.reshape(Bsz, L, H, P), xx.reshape(Bsz, L, H, P)
-            B_BLGN, C_BLGN = Bp.reshape(Bsz, L, G, N), Cp.reshape(Bsz, L, G, N)
-        else:
-            z_BLHP = sharding.einsum("BLD,DHP->BLHP", x_BLD, read(self.in_proj["z"]), out=heads)
-            x_BLHP = sharding.einsum("BLD,DHP->BLHP", x_BLD, read(self.in_proj["x"]), out=heads)
-            B_BLGN = sharding.einsum("BLD,DGN->BLGN", x_BLD, read(self.in_proj["B"]), out=groups)
-            C_BLGN = sharding.einsum("BLD,DGN->BLGN", x_BLD, read(self.in_proj["C"]), out=groups)
-            dt_BLH = sharding.einsum("BLD,DH->BLH", x_BLD, read(self.in_proj["dt"]), out=act("act_heads"))
+        read = lambda var: sharding.read(var, dt)  # noqa: E731
+        names = {"z": ("act_heads", None), "x": ("act_heads", None), "B": (None, None), "C": (None, None),
+                 "dt": ("act_heads",)}  # fmt: skip
+        p = ssd_cp.in_projection(x_BLD, {k: read(self.in_proj[k]) for k in names}, names, seq=seq)
         if cfg.bias:
-            b = self.in_proj_bias
-            z_BLHP, x_BLHP = z_BLHP + read(b["z"])[None, None], x_BLHP + read(b["x"])[None, None]
-            B_BLGN, C_BLGN = B_BLGN + read(b["B"])[None, None], C_BLGN + read(b["C"])[None, None]
-            dt_BLH = dt_BLH + read(b["dt"])[None, None]
+            p = {k: v + read(self.in_proj_bias[k])[None, None] for k, v in p.items()}
+        z_BLHP, x_BLHP, B_BLGN, C_BLGN, dt_BLH = (p[k] for k in names)
 
-        def conv(key, u, history):
-            bias = read(self.conv1d_bias[key]) if cfg.conv_bias else None
-            if seq is not None:  # each sequence shard also gets the previous shard's last W-1 inputs (its halo)
-                y, new_history = ssd_cp.causal_conv1d_context_parallel(
-                    u, read(self.conv1d[key]), bias, channel_names=("act_heads" if key == "x" else None, None),
-                    history_BWE=history, seq_idx_BL=seq_idx_BL,
-                )  # fmt: skip
-                return jax.nn.silu(y), new_history
-            y, new_history = conv_ops.causal_conv1d(u, read(self.conv1d[key]), bias, history_BWE=history,
-                                                    seq_idx_BL=seq_idx_BL)  # fmt: skip
+        def conv(key, u, history):  # sequence-parallel: each shard also gets the previous shard's last W-1 inputs
+            y, new_history = ssd_cp.causal_conv1d_context_parallel(
+                u, read(self.conv1d[key]), read(self.conv1d_bias[key]) if cfg.conv_bias else None, seq=seq,
+                channel_names=("act_heads" if key == "x" else None, None), history_BWE=history, seq_idx_BL=seq_idx_BL,
+            )  # fmt: skip
             return jax.nn.silu(y), new_history
 
         x_BLHP, hist_x = conv("x", x_BLHP, state.conv_x)
@@ -365,63 +340,13 @@ class Mamba2(nnx.Module):
 
     def _output(self, y_BLHP, z_BLHP, seq: str | None = None) -> Float[Array, "B L D"]:
         """Gated RMSNorm per group (float32), then out_proj (the result sequence-sharded whenever L allows)."""
-        cfg, dt = self.cfg, z_BLHP.dtype
-        Bsz, L, H, P = y_BLHP.shape
-        G = cfg.n_groups
-        gate_BLHP = jax.nn.silu(z_BLHP.astype(jnp.float32))
-        y_BLHP = y_BLHP.astype(jnp.float32)
-        if cfg.rmsnorm:
-            if not cfg.norm_before_gate:
-                y_BLHP = y_BLHP * gate_BLHP
-            # Mean square per group of H/G heads, written as a contraction with the (H, G) membership matrix so
-            # that it holds for any split of the heads over devices (a reshape H -> (G, H/G) would not).
-            member_HG = jnp.asarray(np.arange(H)[:, None] // (H // G) == np.arange(G)[None, :], jnp.float32)
-            sq_BLH = jnp.sum(jnp.square(y_BLHP), axis=-1)
-            ms_BLG = sharding.einsum("BLH,HG->BLG", sq_BLH, member_HG, out=("act_batch", seq, None)) / (H // G * P)
-            rstd_BLH = sharding.einsum("BLG,HG->BLH", jax.lax.rsqrt(ms_BLG + cfg.norm_eps), member_HG,
-                                       out=("act_batch", seq, "act_heads"))  # fmt: skip
-            # Materialised once: the norm-weight gradient then reduces it instead of re-deriving it in the reduction.
-            y_BLHP = jax.lax.optimization_barrier(y_BLHP * rstd_BLH[..., None])
-            y_BLHP = sharding.read(self.norm, dt)[None, None] * y_BLHP.astype(dt)
-            if cfg.norm_before_gate:
-                y_BLHP = y_BLHP * gate_BLHP.astype(dt)
-        else:
-            y_BLHP = y_BLHP * gate_BLHP
+        cfg, dt, L = self.cfg, z_BLHP.dtype, y_BLHP.shape[1]
+        y_BLHP = ssd_cp.gated_rmsnorm(y_BLHP, z_BLHP, sharding.read(self.norm, dt) if cfg.rmsnorm else None,
+                                      n_groups=cfg.n_groups, eps=cfg.norm_eps, norm_before_gate=cfg.norm_before_gate,
+                                      seq=seq)  # fmt: skip
         out = ("act_batch", "act_seq" if L % sharding.axis_size("act_seq") == 0 else None, "act_embed")
         y_BLD = sharding.einsum("BLHP,HPD->BLD", y_BLHP.astype(dt), sharding.read(self.out_proj, dt), out=out)
         return y_BLD + sharding.read(self.out_proj_bias, dt)[None, None] if cfg.bias else y_BLD
-
-    def _ssd(self, x_BLHP, delta_BLH, A_H, B_BLGN, C_BLGN, ssm_BHPN, seq_idx_BL, max_norm_H, seq=None):
-        """``ops.ssd.ssd`` per (batch, heads) shard; B/C groups follow the heads (see ``_groups_for_heads``).
-
-        With ``seq="act_seq"`` also per sequence shard: ``impl="context_parallel"`` over the mesh axes of act_seq.
-        """
-        cfg = self.cfg
-        lc = cfg.long_context
-        chunk = lc.state_norm_chunk if (lc.state_norm and lc.state_norm_chunk) else cfg.chunk_size
-        B_BLGN, C_BLGN, g_spec = _groups_for_heads(B_BLGN, C_BLGN, cfg.num_heads)
-        decay_scale_H = self._decay_scale()
-
-        h, bl = ("act_heads",), ("act_batch", seq)
-        axes = sharding.mesh_axes("act_seq") if seq is not None else ()
-        impl, axis_name = (cfg.impl, None) if not axes else ("context_parallel", axes[0] if len(axes) == 1 else axes)
-        arrays = dict(x=x_BLHP, delta=delta_BLH, A=A_H, B=B_BLGN, C=C_BLGN, D=sharding.read(self.D, jnp.float32),
-                      S0=ssm_BHPN, seq=seq_idx_BL, scale=decay_scale_H, max_norm=max_norm_H)  # fmt: skip
-        specs = dict(x=bl + h + (None,), delta=bl + h, A=h, B=bl + g_spec, C=bl + g_spec, D=h,
-                     S0=("act_batch",) + h + (None, None), seq=bl, scale=h, max_norm=h)  # fmt: skip
-        names = [k for k, v in arrays.items() if v is not None]  # shard_map takes arrays only
-
-        def local(*args):
-            a = dict(zip(names, args))
-            return ssd_ops.ssd(
-                a["x"], a["delta"], a["A"], a["B"], a["C"], chunk_size=chunk, D_H=a["D"], initial_state_BHPN=a["S0"],
-                seq_idx_BL=a.get("seq"), decay_scale_H=a.get("scale"), max_state_norm_H=a.get("max_norm"),
-                impl=impl, axis_name=axis_name,
-            )  # fmt: skip
-
-        fn = sharding.shard_map(local, in_specs=tuple(specs[k] for k in names),
-                                out_specs=(specs["x"], specs["S0"]))  # fmt: skip
-        return fn(*(arrays[k] for k in names))
 
     def _longmamba(self, delta_BLH, L: int, calibrated: bool):
         lc = self.cfg.long_context
@@ -432,40 +357,40 @@ class Mamba2(nnx.Module):
         return ssd_ops.longmamba_filter(delta_BLH, global_H, lc.longmamba_b * theta_H)
 
     # ---- public API -----------------------------------------------------------------------------------------
-    @_validated_by(lambda self, x_BLD, *, seq_idx_BL=None, state=None: self._check_input(x_BLD, seq_idx_BL, state))
+    @validated_by(lambda self, x_BLD, *, seq_idx_BL=None, state=None: self._check_input(x_BLD, seq_idx_BL, state))
     def __call__(
         self, x_BLD: Float[Array, "B L D"], *, seq_idx_BL: Int[Array, "B L"] | None = None,
         state: Mamba2State | None = None,
     ) -> tuple[Float[Array, "B L D"], Mamba2State]:  # fmt: skip
         """Full-sequence forward (training, prefill). Returns the output and the state after the last token.
 
-        ``state`` continues a previous call (prefill + more tokens == one call). ``seq_idx_BL``: packed documents,
-        each as if run alone (conv taps and the SSM state never cross a boundary); ``state`` then feeds the
-        first document and the returned state is the last document's.
+        ``state`` continues a previous call (prefill + more tokens == one call). ``seq_idx_BL``: segment ids of
+        packed documents, each run as if alone (conv taps and the SSM state never cross a change of id, so a
+        padding run is its own run); ``state`` then feeds the first run and the returned state is the last run's.
         """
         return self._forward(x_BLD, seq_idx_BL, state, calibrated=True)
 
     def _forward(self, x_BLD, seq_idx_BL, state, *, calibrated):
-        Bsz, L, _ = x_BLD.shape
+        cfg, (Bsz, L, _) = self.cfg, x_BLD.shape
         max_norm_H = self._max_state_norm(calibrated)
-        seq = self._seq_axis(L, clipping=max_norm_H is not None)
+        seq = ssd_cp.sequence_axis(L, conv_width=cfg.d_conv, state_clipping=max_norm_H is not None)
         x_BLD = sharding.shard(x_BLD, "act_batch", seq, "act_embed")
         state = self.init_state(Bsz, x_BLD.dtype) if state is None else state
-        state = Mamba2State(
-            sharding.shard(state.conv_x, "act_batch", None, "act_heads", None),
-            sharding.shard(state.conv_B, "act_batch", None, None, None),
-            sharding.shard(state.conv_C, "act_batch", None, None, None),
-            sharding.shard(state.ssm, "act_batch", "act_heads", None, None),
-        )  # fmt: skip
+        state = Mamba2State(*(sharding.shard(a, "act_batch", *names) for a, names in zip(state, _STATE_AXES)))
         if seq_idx_BL is not None:
             seq_idx_BL = sharding.shard(seq_idx_BL, "act_batch", seq)
         z_BLHP, x_BLHP, B_BLGN, C_BLGN, delta_BLH, hist = self._project(x_BLD, state, seq_idx_BL, seq)
-        delta_BLH = self._longmamba(delta_BLH, L, calibrated)
-        y_BLHP, ssm_BHPN = self._ssd(x_BLHP, delta_BLH, self._A(), B_BLGN, C_BLGN, state.ssm, seq_idx_BL, max_norm_H,
-                                     seq)  # fmt: skip
+        lc = cfg.long_context
+        inputs = ssd_ops.SSDInputs(
+            x_BLHP, self._longmamba(delta_BLH, L, calibrated), self._A(), B_BLGN, C_BLGN,
+            chunk_size=lc.state_norm_chunk if (lc.state_norm and lc.state_norm_chunk) else cfg.chunk_size,
+            D_H=sharding.read(self.D, jnp.float32), initial_state_BHPN=state.ssm, seq_idx_BL=seq_idx_BL,
+            decay_scale_H=self._decay_scale(), max_state_norm_H=max_norm_H,
+        )  # fmt: skip
+        y_BLHP, ssm_BHPN = ssd_cp.ssd_sharded(inputs, impl=cfg.impl, seq=seq)
         return self._output(y_BLHP, z_BLHP, seq), Mamba2State(*hist, ssm_BHPN)
 
-    @_validated_by(lambda self, x_BD, state: self._check_input(x_BD[:, None] if x_BD.ndim == 2 else x_BD, None, state))
+    @validated_by(lambda self, x_BD, state: self._check_input(x_BD[:, None] if x_BD.ndim == 2 else x_BD, None, state))
     def step(self, x_BD: Float[Array, "B D"], state: Mamba2State) -> tuple[Float[Array, "B D"], Mamba2State]:
         """One decoding token in O(1): conv history roll + one recurrence step (``ops.ssd.ssd_step``)."""
         z_BLHP, x_BLHP, B_BLGN, C_BLGN, delta_BLH, hist = self._project(x_BD[:, None], state, None)
@@ -484,8 +409,8 @@ class Mamba2(nnx.Module):
         ``jax.jit`` (it writes the module's ``LongContextStat`` variables); the statistics are computed under jit.
         """
         lc = self.cfg.long_context
-        if not (lc.state_norm or lc.longmamba):
-            raise ValueError("calibrate_long_context: enable long_context.state_norm or long_context.longmamba")
+        require(lc.state_norm or lc.longmamba, "calibrate_long_context: enable long_context.state_norm or "
+                                               "long_context.longmamba")  # fmt: skip
         self._check_input(x_BLD, None, None)
         for name, value in jax.jit(type(self)._calibration_stats)(self, x_BLD).items():
             getattr(self, name).set_value(value)
@@ -503,39 +428,18 @@ class Mamba2(nnx.Module):
         return stats
 
     def _check_input(self, x_BLD, seq_idx_BL, state) -> None:
-        if x_BLD.ndim != 3 or x_BLD.shape[-1] != self.cfg.d_model or not jnp.issubdtype(x_BLD.dtype, jnp.floating):
-            raise ValueError(f"x: expected a float array of shape (B, L, d_model={self.cfg.d_model}) (x_BD: (B, "
-                             f"d_model) in step), got {x_BLD.dtype} {tuple(x_BLD.shape)}")  # fmt: skip
-        if seq_idx_BL is not None and (tuple(seq_idx_BL.shape) != tuple(x_BLD.shape[:2])
-                                       or not jnp.issubdtype(seq_idx_BL.dtype, jnp.integer)):  # fmt: skip
-            raise ValueError(f"seq_idx_BL: expected an integer array of shape (B, L) = {tuple(x_BLD.shape[:2])}, "
-                             f"got {seq_idx_BL.dtype} {tuple(seq_idx_BL.shape)}")  # fmt: skip
+        d = self.cfg.d_model
+        require(x_BLD.ndim == 3 and x_BLD.shape[-1] == d and jnp.issubdtype(x_BLD.dtype, jnp.floating),
+                f"x: expected a float array of shape (B, L, d_model={d}) (x_BD: (B, d_model) in step), got "
+                f"{x_BLD.dtype} {tuple(x_BLD.shape)}")  # fmt: skip
+        if seq_idx_BL is not None:
+            # ordered=False: any change of id starts a run, so a permuted or reused id is still well defined here
+            segments.check_segment_ids("Mamba2: seq_idx_BL", seq_idx_BL, shape=tuple(x_BLD.shape[:2]), ordered=False)
         if state is not None:
-            want = self.init_state(x_BLD.shape[0])
-            if not isinstance(state, Mamba2State) or any(tuple(a.shape) != tuple(b.shape) for a, b in zip(state, want)):
-                got = [tuple(a.shape) for a in state] if isinstance(state, tuple) else type(state).__name__
-                want_shapes = [tuple(a.shape) for a in want]
-                raise ValueError(f"state: expected a Mamba2State with shapes {want_shapes}, got {got}")
-
-
-def _groups_for_heads(B_BLGN, C_BLGN, H: int):
-    """Lay out the B/C groups so that every heads shard holds the groups of its heads.
-
-    G divisible by the heads shards t: shard G along with the heads. t divisible by G (e.g. G = 1): repeat each
-    group t/G times, so shard i gets the one group serving its heads. Returns (B, C, logical spec of (G, N)).
-    """
-    G = B_BLGN.shape[2]
-    t = sharding.axis_size("act_heads")
-    if t == 1:
-        return B_BLGN, C_BLGN, (None, None)
-    if H % t:
-        raise ValueError(f"Mamba2: num_heads={H} is not divisible by the {t} shards of act_heads")
-    if G % t == 0:
-        return B_BLGN, C_BLGN, ("act_heads", None)
-    if t % G == 0:
-        rep = lambda a: jnp.repeat(a, t // G, axis=2)
-        return rep(B_BLGN), rep(C_BLGN), ("act_heads", None)
-    raise ValueError(f"Mamba2: n_groups={G} and the {t} shards of act_heads must divide one another")
+            want = [tuple(a.shape) for a in self.init_state(x_BLD.shape[0])]
+            got = [tuple(a.shape) for a in state] if isinstance(state, tuple) else type(state).__name__
+            require(isinstance(state, Mamba2State) and got == want,
+                    f"state: expected a Mamba2State with shapes {want}, got {got}")  # fmt: skip
 
 
 __all__ = ["LongContextConfig", "LongContextStat", "Mamba2", "Mamba2Config", "Mamba2State"]

@@ -31,10 +31,10 @@ channels and both long convs, zero-initialised so that (b) starts as exactly (a)
 weights: M2-GPT was never released (m2 #7), its exact factor parameterisation, block sizes and which factors are
 learned are unknown, and we fix the evaluation points to roots of unity (general points give ill-conditioned
 Vandermonde blocks). (b) is not shift-invariant, so for ``L < l_max`` inputs are zero-padded on the right to
-``l_max`` (causality makes that exact). Packed documents: ``segment_ids_BL`` (``< 0`` = padding, as
-``EMPTY_SEGMENT`` in ``lcjax.layers.attention``) are unpacked into rows of ``max_segments`` documents each, so
-every document is computed exactly as if alone; tokens beyond ``max_segments`` documents in a row get NaN outputs
-(loud, never a silent leak). Positions are not needed: every filter depends on offsets only.
+``l_max`` (causality makes that exact). Packed documents: ``segment_ids_BL`` follow ``lcjax.ops.segments`` (runs of
+one positive id are documents, 0 is padding); ``segments_per_pass`` documents of every row are unpacked per pass into
+rows of their own, as many passes as the batch needs, so every document of any count is computed exactly as if alone
+and padding outputs 0. Positions are not needed: every filter depends on offsets only.
 
 ``M2DimensionMixer``: ``LN(wo(GELU(gated) ⊙ non_gated) + x)`` (post-LN, eps 1e-12) with ``gated_layers`` ``D → 2F``;
 ``linear="blockdiag"`` is the released ``BlockdiagLinear`` (*one* block-diagonal factor, 4 blocks, no permutation:
@@ -47,15 +47,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcjax import sharding
+from lcjax import checks, sharding
 from lcjax.layers.m2_filter import LINEAR_INITS, HyenaFilter, HyenaFilterConfig, linear_specs, random_parts
 from lcjax.ops import fftconv as fftconv_ops
 from lcjax.ops import monarch as monarch_ops
+from lcjax.ops import segments
 from lcjax.typing import Array, Bool, Float, Int
 
 LONG_CONVS = ("fft", "causal_monarch")
@@ -67,6 +69,12 @@ def _einsum(spec: str, *operands, out) -> jax.Array:
     """``jnp.einsum`` at HIGHEST precision with the output sharding of the logical names ``out`` (if a mesh is set)."""
     kwargs = {"out_sharding": sharding.pspec(*out)} if sharding.mesh_active() else {}
     return jnp.einsum(spec, *operands, precision=jax.lax.Precision.HIGHEST, **kwargs)
+
+
+def _reshape(x: jax.Array, shape: tuple[int, ...], out: tuple) -> jax.Array:
+    """``x.reshape(shape)`` with the output sharding of the logical names ``out`` (if a mesh is set)."""
+    kwargs = {"out_sharding": sharding.pspec(*out)} if sharding.mesh_active() else {}
+    return jnp.reshape(x, shape, **kwargs)
 
 
 def lead(x: jax.Array, ndim: int) -> jax.Array:
@@ -110,26 +118,28 @@ class M2SequenceMixerConfig:
     long_conv: str = "fft"  # "fft" | "causal_monarch" (causal only)
     conv_impl: str = "jnp_fft"  # fftconv impl: "naive" | "jnp_fft" | "monarch"
     monarch_b2: int | None = None  # causal_monarch: block size b2 (a divisor of l_max); default ≈ √l_max
-    max_segments: int = 1  # CausalM2Mixer: documents per row when segment_ids_BL is given
+    segments_per_pass: int = 1  # CausalM2Mixer with segment_ids_BL: documents of each row unpacked per pass
     linear_init: str = "torch"  # "torch" (nn.Linear default) or "bert" (HF post_init: N(0, 0.02), zero bias)
 
     def __post_init__(self):
-        for name in ("d_model", "l_max", "filter_order", "short_conv_width", "max_segments"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"M2SequenceMixerConfig.{name}={getattr(self, name)} must be >= 1")
-        if self.long_conv not in LONG_CONVS:
-            raise ValueError(f"M2SequenceMixerConfig.long_conv={self.long_conv!r}; allowed: {LONG_CONVS}")
-        if self.long_conv == "causal_monarch" and self.bidirectional:
-            raise ValueError("M2SequenceMixerConfig.long_conv='causal_monarch' requires bidirectional=False")
-        if self.conv_impl not in tuple(fftconv_ops.Impl):
-            raise ValueError(f"M2SequenceMixerConfig.conv_impl={self.conv_impl!r}; allowed: {tuple(fftconv_ops.Impl)}")
-        if self.linear_init not in LINEAR_INITS:
-            raise ValueError(f"M2SequenceMixerConfig.linear_init={self.linear_init!r}; allowed: {LINEAR_INITS}")
+        name = "M2SequenceMixerConfig."
+        for field in ("d_model", "l_max", "filter_order", "short_conv_width", "segments_per_pass"):
+            checks.require_int(name + field, getattr(self, field), min=1)
+        for field in ("bidirectional", "residual_long_conv", "training_additions"):
+            checks.require_bool(name + field, getattr(self, field))
+        checks.require_float(name + "hyena_w", self.hyena_w)
+        checks.require_float(name + "hyena_w_mod", self.hyena_w_mod)
+        checks.require_choice(name + "long_conv", self.long_conv, LONG_CONVS)
+        checks.require_choice(name + "conv_impl", self.conv_impl, tuple(i.value for i in fftconv_ops.Impl))
+        checks.require_choice(name + "linear_init", self.linear_init, LINEAR_INITS)
+        checks.require_optional_int(name + "monarch_b2", self.monarch_b2, min=1)
+        checks.require(not (self.long_conv == "causal_monarch" and self.bidirectional),
+                       f"{name}long_conv='causal_monarch' requires bidirectional=False")  # fmt: skip
         if self.long_conv == "causal_monarch":
             try:
                 fftconv_ops.causal_monarch_shape(self.l_max, self.monarch_b2)
             except ValueError as e:
-                raise ValueError(f"M2SequenceMixerConfig.monarch_b2={self.monarch_b2}: {e}") from None
+                raise ValueError(f"{name}monarch_b2={self.monarch_b2}: {e}") from None
         self.filter_config()  # validates emb_dim
 
     def filter_config(self) -> HyenaFilterConfig:
@@ -206,8 +216,9 @@ class M2SequenceMixer(nnx.Module):
                  ) -> Float[Array, "B L D"]:  # fmt: skip
         cfg = self.cfg
         L, dt = x_BLD.shape[1], x_BLD.dtype
-        if L > cfg.l_max:
-            raise ValueError(f"M2SequenceMixer: sequence length {L} exceeds the filter's l_max={cfg.l_max}")
+        checks.require(x_BLD.shape[-1] == cfg.d_model, f"M2SequenceMixer: x_BLD must be [batch, length, "
+                       f"M2SequenceMixerConfig.d_model={cfg.d_model}], got shape {tuple(x_BLD.shape)}")  # fmt: skip
+        checks.require(L <= cfg.l_max, f"M2SequenceMixer: sequence length {L} exceeds the filter's l_max={cfg.l_max}")
         x_BLD = sharding.shard(x_BLD, *ACT_BLD)
         if cfg.training_additions:
             x_BLD = layer_norm(x_BLD, self.layernorm[...], self.layernorm_bias[...], 1e-5)
@@ -232,18 +243,29 @@ class M2SequenceMixer(nnx.Module):
 
 
 # ---- causal M2 for decoder LMs ----------------------------------------------------------------------------------
-def segment_layout(segment_ids_BL: Int[Array, "B L"], max_segments: int):
-    """Documents = runs of equal non-negative ids (negative = padding): ``(rank_BL, offset_BL, start_BS, valid_BL)``
-    — each token's document index in its row, its position in that document, the documents' start positions (``L``
-    for absent ones) and the non-padding mask."""
-    B, L = segment_ids_BL.shape
-    valid_BL = segment_ids_BL >= 0
-    prev_BL = jnp.pad(segment_ids_BL, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
-    start_BL = valid_BL & (segment_ids_BL != prev_BL)
-    rank_BL = jnp.cumsum(start_BL, axis=1) - 1
-    start_BS = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments, fill_value=L)[0])(start_BL)
-    offset_BL = jnp.arange(L)[None, :] - jnp.take_along_axis(start_BS, jnp.clip(rank_BL, 0, max_segments - 1), axis=1)
-    return rank_BL, offset_BL, start_BS, valid_BL
+class SegmentLayout(NamedTuple):
+    """Where the documents of each row are (``lcjax.ops.segments``): ``doc_BL`` each token's document number,
+    ``offset_BL`` its position in that document, ``start_BN`` the documents' start positions (``L`` past the last),
+    ``valid_BL`` the non-padding mask and ``n_passes`` how many passes of ``per_pass`` documents cover every row."""
+
+    doc_BL: jax.Array
+    offset_BL: jax.Array
+    start_BN: jax.Array
+    valid_BL: jax.Array
+    n_passes: jax.Array
+
+
+def segment_layout(segment_ids_BL: Int[Array, "B L"], per_pass: int) -> SegmentLayout:
+    """The ``SegmentLayout`` of ``segment_ids_BL``; ``start_BN`` has room for ``ceil(L / per_pass)`` passes."""
+    L = segment_ids_BL.shape[1]
+    max_passes = -(-L // per_pass)  # a row holds at most L documents
+    doc_BL = segments.document_index(segment_ids_BL)
+    n_docs_B = jnp.sum(segments.document_starts(segment_ids_BL), axis=1)
+    return SegmentLayout(
+        doc_BL=doc_BL, offset_BL=segments.run_offsets(segment_ids_BL),
+        start_BN=segments.document_start_positions(segment_ids_BL, max_passes * per_pass),
+        valid_BL=segments.is_document(segment_ids_BL), n_passes=-(-jnp.max(n_docs_B) // per_pass),
+    )  # fmt: skip
 
 
 class CausalM2Mixer(M2SequenceMixer):
@@ -252,6 +274,12 @@ class CausalM2Mixer(M2SequenceMixer):
     Config: ``M2SequenceMixerConfig.causal(d_model, l_max, long_conv="fft" | "causal_monarch")``. Returns
     ``y_BLD``; output ``t`` depends on inputs ``≤ t`` of its own document only. ``positions_BL`` is accepted for a
     uniform block interface and unused (the filters depend on offsets, which the segment layout provides).
+
+    Packed rows (``segment_ids_BL``, ``lcjax.ops.segments``): every document is computed exactly as if it were alone
+    (from position 0; right zero-padding is exact by causality) and padding (id 0) gives 0. Each pass unpacks
+    ``cfg.segments_per_pass`` documents of every row into rows of their own; a ``lax.scan`` over
+    ``ceil(L / segments_per_pass)`` passes runs only the ``ceil(max documents per row / segments_per_pass)`` passes
+    the batch needs (``lax.cond``; each pass is rematerialised, so the gradient's memory is that of one pass).
     """
 
     def __init__(self, cfg: M2SequenceMixerConfig, *, rngs: nnx.Rngs):
@@ -266,22 +294,45 @@ class CausalM2Mixer(M2SequenceMixer):
         del positions_BL
         if segment_ids_BL is None:
             return super().__call__(x_BLD)
+        segment_ids_BL = segments.check_segment_ids("CausalM2Mixer: segment_ids_BL", segment_ids_BL,
+                                                    shape=x_BLD.shape[:2])  # fmt: skip
+        S = self.cfg.segments_per_pass
+        layout = segment_layout(segment_ids_BL, S)
+        y_BLD = self._pass(x_BLD, layout, 0)  # most batches need one pass: no loop overhead for it
+        max_passes = layout.start_BN.shape[1] // S
+        if max_passes > 1:
+            def later_pass(y_BLD, p):
+                def run(x_BLD, layout, p):
+                    zeros = lambda: sharding.shard(jnp.zeros_like(x_BLD), *ACT_BLD)
+                    return jax.lax.cond(p < layout.n_passes, lambda: self._pass(x_BLD, layout, p), zeros)
+
+                return y_BLD + jax.checkpoint(run)(x_BLD, layout, p), None
+
+            y_BLD, _ = jax.lax.scan(later_pass, y_BLD, jnp.arange(1, max_passes))
+        return y_BLD
+
+    def _pass(self, x_BLD, layout: SegmentLayout, p) -> jax.Array:
+        """Outputs of the documents ``[p·S, (p+1)·S)`` of every row (0 elsewhere), each computed alone."""
         B, L, D = x_BLD.shape
-        S = self.cfg.max_segments
-        rank_BL, offset_BL, start_BS, valid_BL = segment_layout(segment_ids_BL, S)
-        # unpack: row (b, j) holds document j of row b, starting at position 0
+        S = self.cfg.segments_per_pass
+        first = p * S
+        # unpack: row (b, j) holds document first + j of row b, starting at position 0
+        start_BS = jax.lax.dynamic_slice_in_dim(layout.start_BN, first, S, axis=1)
         idx_BSL = start_BS[:, :, None] + jnp.arange(L)[None, None, :]
         idx_c = jnp.clip(idx_BSL, 0, L - 1).reshape(B, S * L)
         take = lambda a: jnp.take_along_axis(a, idx_c, axis=1).reshape(B, S, L)
-        keep_BSL = (idx_BSL < L) & (take(rank_BL) == jnp.arange(S)[None, :, None]) & take(valid_BL)
+        doc_S = first + jnp.arange(S)
+        keep_BSL = (idx_BSL < L) & (take(layout.doc_BL) == doc_S[None, :, None]) & take(layout.valid_BL)
         rows_BSLD = jnp.take_along_axis(x_BLD, idx_c[..., None], axis=1).reshape(B, S, L, D)
         rows_BSLD = rows_BSLD * keep_BSL[..., None].astype(x_BLD.dtype)
         out = super().__call__(rows_BSLD.reshape(B * S, L, D), mask_BL=keep_BSL.reshape(B * S, L))
-        # repack: token t reads row rank_t at offset_t; padding -> 0; documents beyond capacity -> NaN
-        flat = jnp.clip(rank_BL, 0, S - 1) * L + jnp.clip(offset_BL, 0, L - 1)
-        y_BLD = jnp.take_along_axis(out.reshape(B, S * L, D), flat[..., None], axis=1)
-        y_BLD = jnp.where((valid_BL & (rank_BL >= S))[..., None], jnp.nan, y_BLD)
-        return sharding.shard(jnp.where(valid_BL[..., None], y_BLD, 0), *ACT_BLD)
+        # repack: token t reads row (doc_t - first) at offset_t; tokens of other passes and padding get 0
+        local_BL = layout.doc_BL - first
+        mine_BL = layout.valid_BL & (local_BL >= 0) & (local_BL < S)
+        flat = jnp.clip(local_BL, 0, S - 1) * L + jnp.clip(layout.offset_BL, 0, L - 1)
+        out_BND = _reshape(out, (B, S * L, D), ("act_batch", None, "act_embed"))
+        y_BLD = jnp.take_along_axis(out_BND, flat[..., None], axis=1)
+        return sharding.shard(jnp.where(mine_BL[..., None], y_BLD, jnp.zeros((), y_BLD.dtype)), *ACT_BLD)
 
 
 # ---- dimension mixer ------------------------------------------------------------------------------------------
@@ -292,8 +343,8 @@ class BlockdiagLinear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, nblocks: int = 4, bias: bool = True,
                  names=("embed", "mlp"), rngs: nnx.Rngs):  # fmt: skip
-        if in_features % nblocks or out_features % nblocks:
-            raise ValueError(f"BlockdiagLinear: nblocks={nblocks} must divide in={in_features} and out={out_features}")
+        checks.require(in_features % nblocks == 0 and out_features % nblocks == 0,
+                       f"BlockdiagLinear: nblocks={nblocks} must divide in={in_features} and out={out_features}")
         self.nblocks, self.out_features = nblocks, out_features
         p, q = in_features // nblocks, out_features // nblocks
         bias_spec = ((out_features,), "uniform" if bias else "zeros", 1.0 / math.sqrt(out_features))
@@ -318,8 +369,8 @@ class MonarchLinear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, nblocks: int = 4, bias: bool = True,
                  rngs: nnx.Rngs):  # fmt: skip
-        if in_features % nblocks or out_features % nblocks:
-            raise ValueError(f"MonarchLinear: nblocks={nblocks} must divide in={in_features} and out={out_features}")
+        checks.require(in_features % nblocks == 0 and out_features % nblocks == 0,
+                       f"MonarchLinear: nblocks={nblocks} must divide in={in_features} and out={out_features}")
         p, o = in_features // nblocks, out_features // nblocks
         grow = in_features < out_features
         s1, s2 = ((nblocks, p, p), (nblocks, o, p)) if grow else ((nblocks, o, p), (nblocks, o, o))
@@ -359,16 +410,14 @@ class M2DimensionMixerConfig:
     linear_init: str = "torch"  # only for linear="dense"
 
     def __post_init__(self):
-        for name in ("d_model", "d_ff", "nblocks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"M2DimensionMixerConfig.{name}={getattr(self, name)} must be >= 1")
-        if self.linear not in DIM_LINEARS:
-            raise ValueError(f"M2DimensionMixerConfig.linear={self.linear!r}; allowed: {DIM_LINEARS}")
-        if self.linear != "dense" and (self.d_model % self.nblocks or self.d_ff % self.nblocks):
-            raise ValueError(f"M2DimensionMixerConfig.nblocks={self.nblocks} must divide d_model={self.d_model} "
-                             f"and d_ff={self.d_ff}")  # fmt: skip
-        if self.linear_init not in LINEAR_INITS:
-            raise ValueError(f"M2DimensionMixerConfig.linear_init={self.linear_init!r}; allowed: {LINEAR_INITS}")
+        name = "M2DimensionMixerConfig."
+        for field in ("d_model", "d_ff", "nblocks"):
+            checks.require_int(name + field, getattr(self, field), min=1)
+        checks.require_choice(name + "linear", self.linear, DIM_LINEARS)
+        checks.require_float(name + "layer_norm_eps", self.layer_norm_eps, min=0, min_open=True)
+        checks.require_choice(name + "linear_init", self.linear_init, LINEAR_INITS)
+        checks.require(self.linear == "dense" or (self.d_model % self.nblocks == 0 and self.d_ff % self.nblocks == 0),
+                       f"{name}nblocks={self.nblocks} must divide d_model={self.d_model} and d_ff={self.d_ff}")
 
 
 class M2DimensionMixer(nnx.Module):
@@ -399,6 +448,6 @@ class M2DimensionMixer(nnx.Module):
 
 
 __all__ = [
-    "M2SequenceMixerConfig", "M2SequenceMixer", "CausalM2Mixer", "segment_layout", "M2DimensionMixerConfig",
-    "M2DimensionMixer", "BlockdiagLinear", "MonarchLinear", "DenseLinear", "layer_norm",
+    "M2SequenceMixerConfig", "M2SequenceMixer", "CausalM2Mixer", "SegmentLayout", "segment_layout",
+    "M2DimensionMixerConfig", "M2DimensionMixer", "BlockdiagLinear", "MonarchLinear", "DenseLinear", "layer_norm",
 ]  # fmt: skip

@@ -12,13 +12,14 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
+from lcjax import checks
+
 M = TypeVar("M", bound=nnx.Module)
 
 
 def stack(make: Callable[[nnx.Rngs], M], n: int, *, rngs: nnx.Rngs) -> M:
     """``n`` independently initialised copies of ``make(rngs)``, every Variable stacked on a leading axis."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"stack: n={n!r} must be a positive int")
+    checks.require_int("stack: n", n, min=1)
     keys = jax.random.split(rngs.params(), n)
     stacked = jax.vmap(lambda key: make(nnx.Rngs(params=key)))(keys)
     for _, var in nnx.iter_graph(stacked):

@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lcjax import sharding
+from lcjax import checks, sharding
 from lcjax.layers.beacon import BeaconAttention, BeaconConfig, BeaconParam, ChunkLayout, KeyMask, beacon_param
 from lcjax.layers.beacon import chunk_layout
-from lcjax.models.lm import LM, check_sampling_args, sample_logits
+from lcjax.models.lm import LM, check_prompt, check_sampling_args, sample_logits
 from lcjax.typing import Array, ArrayLike, Float, Int
 
 __all__ = ["BeaconLM", "BeaconParam", "BeaconState", "add_beacons", "generate"]
@@ -81,10 +81,12 @@ class BeaconState:
 
 def _concrete(x) -> np.ndarray | None:
     """``x`` as numpy when it is a concrete value, None under tracing."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
+    return np.asarray(x) if checks.is_concrete(x) else None
+
+
+def _check_int_array(name: str, x: jax.Array, shape: tuple[int, ...], axes: str) -> None:
+    checks.require(x.shape == shape and jnp.issubdtype(x.dtype, jnp.integer),
+                   f"{name} must be an int array of shape {shape} {axes}, got {x.dtype}{x.shape}")  # fmt: skip
 
 
 _KV = ("act_batch", None, "act_kv_heads", None)
@@ -100,6 +102,11 @@ def _scatter_rows(buf_BS, dest_BU, val_BU, logical=_KV):
     return buf_BS.at[b_BU, dest_BU].set(val_BU.astype(buf_BS.dtype), mode="drop", out_sharding=out)
 
 
+def _split_kv(y_BUD, k_BUKP, v_BUKP):
+    """``BeaconAttention``'s ``(y, k, v)`` as the ``(y, aux)`` that ``AttentionBlock.residual`` expects."""
+    return y_BUD, (k_BUKP, v_BUKP)
+
+
 def _take_rows(x_BU, idx_BT):
     """``x[b, idx[b, t]]`` along axis 1 (trailing axes kept)."""
     idx = idx_BT.reshape(idx_BT.shape + (1,) * (x_BU.ndim - 2))
@@ -112,14 +119,12 @@ class BeaconLM(nnx.Module):
 
     def __init__(self, base: LM, cfg: BeaconConfig, *, rngs: nnx.Rngs):
         lm_cfg = base.cfg
-        if set(lm_cfg.block_pattern) != {"attention"}:
-            raise ValueError(f"add_beacons: base LMConfig.block_pattern={lm_cfg.block_pattern} must be attention-only")
-        if lm_cfg.scan_layers:
-            raise ValueError("add_beacons: base LMConfig.scan_layers must be False (layers are run one by one)")
-        if lm_cfg.window is not None:
-            raise ValueError(
-                f"add_beacons: base LMConfig.window={lm_cfg.window}: sliding-window bases are not supported"
-            )
+        checks.require(set(lm_cfg.block_pattern) == {"attention"},
+                       f"add_beacons: base LMConfig.block_pattern={lm_cfg.block_pattern} must be attention-only")
+        checks.require(not lm_cfg.scan_layers,
+                       "add_beacons: base LMConfig.scan_layers must be False (layers are run one by one)")
+        checks.require(lm_cfg.window is None,
+                       f"add_beacons: base LMConfig.window={lm_cfg.window}: sliding-window bases are not supported")
         cfg.check_model(lm_cfg.max_seq_len)
         self.cfg = cfg
         self.base = base
@@ -127,8 +132,8 @@ class BeaconLM(nnx.Module):
         if cfg.embed_init == "random":
             init = nnx.initializers.normal(0.02)(rngs.params(), (1, lm_cfg.d_model), pd)
         else:
-            if cfg.embed_init >= lm_cfg.vocab_size:
-                raise ValueError(f"BeaconConfig.embed_init={cfg.embed_init} must be < vocab_size={lm_cfg.vocab_size}")
+            checks.require(cfg.embed_init < lm_cfg.vocab_size,
+                           f"BeaconConfig.embed_init={cfg.embed_init} must be < vocab_size={lm_cfg.vocab_size}")
             ids = jnp.full((1,), cfg.embed_init, jnp.int32)
             init = jnp.copy(sharding.take(sharding.read(base.embed_tokens.weight), ids, out=(None, "embed")))
         self.beacon_embed_tokens = beacon_param(init, None, "embed")
@@ -146,20 +151,18 @@ class BeaconLM(nnx.Module):
         ratio of ``cfg.ratios`` when it is traced (training).
         """
         cfg, lm_cfg = self.cfg, self.base.cfg
-        if batch < 1 or max_len < 1:
-            raise ValueError(f"init_state: batch={batch} and max_len={max_len} must be >= 1")
+        checks.require_int("init_state: batch", batch, min=1)
+        checks.require_int("init_state: max_len", max_len, min=1)
         W = cfg.window
         n_windows = -(-max_len // W)
         if ratios_BN is None:
             ratios_BN = jnp.full((batch, n_windows), cfg.ratio, jnp.int32)
         ratios_BN = jnp.asarray(ratios_BN)
-        if ratios_BN.shape != (batch, n_windows) or not jnp.issubdtype(ratios_BN.dtype, jnp.integer):
-            raise ValueError(f"ratios_BN must be an int array of shape {(batch, n_windows)} (batch, windows), got "
-                             f"{ratios_BN.dtype}{ratios_BN.shape}")  # fmt: skip
+        _check_int_array("ratios_BN", ratios_BN, (batch, n_windows), "(batch, windows)")
         values = _concrete(ratios_BN)
-        if values is not None and not np.isin(values, cfg.ratios).all():
-            raise ValueError(f"ratios_BN: values {sorted(set(values.ravel()) - set(cfg.ratios))} are not in "
-                             f"BeaconConfig ratios {cfg.ratios}")  # fmt: skip
+        checks.require(values is None or bool(np.isin(values, cfg.ratios).all()),
+                       f"ratios_BN: values {sorted(set(np.ravel(values)) - set(cfg.ratios))} are not in "
+                       f"BeaconConfig ratios {cfg.ratios}")  # fmt: skip
         ratio_set = cfg.ratios if values is None else tuple(sorted({int(r) for r in values.ravel()}))
         dtype = jnp.dtype(lm_cfg.dtype) if dtype is None else dtype
         M = (max_len // W) * cfg.memory_growth(ratio_set)
@@ -188,29 +191,27 @@ class BeaconLM(nnx.Module):
         ``init_state``. Tokens beyond the state's capacity give NaN logits (checked eagerly when not traced).
         """
         tokens_BL = jnp.asarray(tokens_BL)
-        if tokens_BL.ndim != 2 or not jnp.issubdtype(tokens_BL.dtype, jnp.integer) or tokens_BL.shape[1] < 1:
-            raise ValueError(f"BeaconLM: tokens must be an int [batch, length >= 1] array, got "
-                             f"{tokens_BL.dtype}{tokens_BL.shape}")  # fmt: skip
+        checks.require(tokens_BL.ndim == 2 and jnp.issubdtype(tokens_BL.dtype, jnp.integer) and tokens_BL.size > 0,
+                       f"BeaconLM: tokens must be an int [batch, length >= 1] array, got "
+                       f"{tokens_BL.dtype}{tokens_BL.shape}")  # fmt: skip
+        checks.check_token_ids("BeaconLM: tokens_BL", tokens_BL, self.base.cfg.vocab_size)
         B, L = tokens_BL.shape
         if lengths_B is None:
             lengths_B = jnp.full((B,), L, jnp.int32)
         lengths_B = jnp.asarray(lengths_B)
-        if lengths_B.shape != (B,) or not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-            raise ValueError(f"lengths_B must be an int array of shape {(B,)}, got {lengths_B.dtype}{lengths_B.shape}")
+        _check_int_array("lengths_B", lengths_B, (B,), "(batch,)")
         lengths = _concrete(lengths_B)
-        if lengths is not None and ((lengths < 0) | (lengths > L)).any():
-            raise ValueError(f"lengths_B={lengths.tolist()} must lie in [0, {L}]")
+        checks.require(lengths is None or bool(((lengths >= 0) & (lengths <= L)).all()),
+                       f"lengths_B={np.asarray(lengths).tolist()} must lie in [0, {L}]")  # fmt: skip
         if state is None:
             logits_BLV, _ = self._feed(self.init_state(B, L, ratios_BN=ratios_BN), tokens_BL, lengths_B, fresh=True)
             return logits_BLV
-        if ratios_BN is not None:
-            raise ValueError("ratios_BN: when streaming, give the ratio schedule to init_state")
-        if state.n_mem.shape != (B,):
-            raise ValueError(f"state holds {state.n_mem.shape[0]} sequences, tokens {B}")
+        checks.require(ratios_BN is None, "ratios_BN: when streaming, give the ratio schedule to init_state")
+        checks.require(state.n_mem.shape == (B,), f"state holds {state.n_mem.shape[0]} sequences, tokens {B}")
         used, cap = _concrete(state.length), _concrete(state.capacity)
-        if used is not None and cap is not None and lengths is not None and (used + lengths > cap).any():
-            raise ValueError(f"BeaconLM: {(used + lengths).max()} tokens exceed the state's capacity {int(cap)} "
-                             "(init_state max_len)")  # fmt: skip
+        if used is not None and cap is not None and lengths is not None:
+            checks.require(not (used + lengths > cap).any(), f"BeaconLM: {(used + lengths).max()} tokens exceed "
+                           f"the state's capacity {int(cap)} (init_state max_len)")  # fmt: skip
         return self._feed(state, tokens_BL, lengths_B)
 
     def _feed(self, state: BeaconState, tokens_BT, lengths_B, *, fresh: bool = False):
@@ -280,22 +281,13 @@ class BeaconLM(nnx.Module):
         for blk, beacon_attn, ls in zip(lm.layers, self.beacon_layers, state.layers, strict=True):
             cache_k = jnp.concatenate([ls.sink_k, ls.mem_k, ls.raw_k], axis=1)
             cache_v = jnp.concatenate([ls.sink_v, ls.mem_v, ls.raw_v], axis=1)
-            y_BUD, k_BUKP, v_BUKP = beacon_attn(
-                blk.self_attn, blk.input_layernorm(x_BUD), lay.is_beacon, cache_k, cache_v, kv_pos_BS, q_pos_BU, mask
-            )
-            x_BUD = x_BUD + y_BUD
-            x_BUD = x_BUD + blk.mlp(blk.post_attention_layernorm(x_BUD))
+            attend = lambda h_BUD: _split_kv(*beacon_attn(blk.self_attn, h_BUD, lay.is_beacon, cache_k, cache_v,
+                                                          kv_pos_BS, q_pos_BU, mask))  # fmt: skip
+            x_BUD, kv = blk.residual(x_BUD, attend)  # the base block's residual structure, beacon attention inside
             x_BUD = sharding.shard(x_BUD, "act_batch", None, "act_embed")
-            new_kv.append((k_BUKP, v_BUKP))
+            new_kv.append(kv)
 
-        x_BTD = lm.norm(_take_rows(x_BUD, jnp.clip(lay.raw_slot, 0, x_BUD.shape[1] - 1)))
-        if lm.cfg.tie_embeddings:
-            logits_BTV = lm.embed_tokens.attend(x_BTD)
-        else:
-            logits_BTV = sharding.einsum(
-                "BTD,DV->BTV", x_BTD, sharding.read(lm.lm_head, x_BTD.dtype), out=("act_batch", None, "act_vocab")
-            )
-        logits_BTV = logits_BTV.astype(jnp.float32)
+        logits_BTV = lm.head(_take_rows(x_BUD, jnp.clip(lay.raw_slot, 0, x_BUD.shape[1] - 1)), seq=None)
         overflow_B = state.length + n_B > state.capacity
         logits_BTV = jnp.where(overflow_B[:, None, None], jnp.nan, logits_BTV)
         return logits_BTV, self._update(state, lay, new_kv, ratio_B, n_B)
@@ -322,17 +314,20 @@ class BeaconLM(nnx.Module):
                 kv_segment=jnp.where(kv_valid, 0, -1).astype(jnp.int32), dense=None,
             )  # fmt: skip
             return kv_pos_BS, q_pos_BU, mask
-        # step-expansion: beacon i sits right after its last covered raw token, M + (i + 1) * r
+        # step-expansion: beacon i sits right after its last covered raw token, M + (i + 1) * r. The layout comes
+        # from the host (replicated); the selects below need it batch-sharded like the state under a mesh.
+        is_beacon_BU, reach_BU, widx_BU = (sharding.shard(a, "act_batch", None) for a in (lay.is_beacon, lay.reach,
+                                                                                           lay.widx))  # fmt: skip
         n_before_B = jnp.where(state.window > 0, s, 0) + state.n_mem
-        q_pos_BU = jnp.where(lay.is_beacon, n_before_B[:, None] + (lay.beacon + 1) * ratio_B[:, None], q_pos_BU)
+        q_pos_BU = jnp.where(is_beacon_BU, n_before_B[:, None] + (lay.beacon + 1) * ratio_B[:, None], q_pos_BU)
         kv_pos_BS = jnp.concatenate([kv_pos_BS[:, :S], q_pos_BU], axis=1)
-        reach_BU1 = lay.reach[:, :, None]
+        reach_BU1 = reach_BU[:, :, None]
         raw_idx_11R = jnp.arange(R)[None, None, :]  # v1 raw caches hold raw tokens only: slot j = window index j
         vis_mem = jnp.broadcast_to(jnp.concatenate([sink_valid, mem_valid], axis=1)[:, None], (B, U, s + M))
         vis_raw = raw_valid[:, None, :] & (raw_idx_11R <= reach_BU1)
         same_slot = jnp.arange(U)[None, :, None] == jnp.arange(U)[None, None, :]
         vis_chunk = lay.valid[:, None, :] & jnp.where(
-            lay.is_beacon[:, None, :], same_slot, lay.widx[:, None, :] <= reach_BU1
+            is_beacon_BU[:, None, :], same_slot, widx_BU[:, None, :] <= reach_BU1
         )
         dense = jnp.concatenate([vis_mem, vis_raw, vis_chunk], axis=2)
         return kv_pos_BS, q_pos_BU, KeyMask(q_order=None, kv_order=None, kv_segment=None, dense=dense)
@@ -398,23 +393,19 @@ def generate(
     """
     check_sampling_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, rng=rng,
                         vocab_size=model.base.cfg.vocab_size)  # fmt: skip
-    prompt_BL = jnp.asarray(prompt_BL)
-    if prompt_BL.ndim != 2 or not jnp.issubdtype(prompt_BL.dtype, jnp.integer):
-        raise ValueError(
-            f"generate: prompt must be an int [batch, length] array, got {prompt_BL.dtype}{prompt_BL.shape}"
-        )
+    prompt_BL = check_prompt(prompt_BL, model.base.cfg.vocab_size)
     B, L = prompt_BL.shape
     lengths_B = jnp.full((B,), L, jnp.int32) if lengths_B is None else jnp.asarray(lengths_B, jnp.int32)
     lengths = _concrete(lengths_B)
-    if lengths_B.shape != (B,) or (lengths is not None and ((lengths < 1) | (lengths > L)).any()):
-        raise ValueError(f"generate: lengths_B must have shape {(B,)} with values in [1, {L}]")
+    checks.require(lengths_B.shape == (B,) and (lengths is None or bool(((lengths >= 1) & (lengths <= L)).all())),
+                   f"generate: lengths_B must have shape {(B,)} with values in [1, {L}]")  # fmt: skip
     state = model.init_state(B, L + max_new_tokens, ratios_BN=ratios_BN)
     rng = jax.random.key(0) if rng is None else rng
     return _generate(model, prompt_BL, lengths_B, state, rng, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k)  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_k"))
+@sharding.jit(static_argnames=("max_new_tokens", "temperature", "top_k"))  # the active rules key the cache
 def _generate(model, prompt_BL, lengths_B, state, rng, *, max_new_tokens, temperature, top_k):
     B = prompt_BL.shape[0]
     pick = functools.partial(sample_logits, temperature=temperature, top_k=top_k)

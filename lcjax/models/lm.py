@@ -1,11 +1,12 @@
 """Decoder-only language model whose layers follow a per-layer block-type pattern.
 
 ``LMConfig.block_pattern`` is cycled over the layers: ``("attention",)`` is a Llama-style transformer,
-``("mamba2",)`` a Mamba-2 LM (``LMConfig.mamba2`` configures its mixer, ``lcjax/models/mamba2_block.py``),
-``("m2",)`` a causal Monarch Mixer LM (``LMConfig.m2``, ``lcjax/models/m2_block.py``),
-``("mamba2", "mamba2", "attention")`` a hybrid. Each block type is a residual block
-class with one calling convention, ``block(x_BLD, *, positions_BL, segment_ids_BL, cache) -> (x_BLD, cache)``, and
-``block.init_cache(batch, length, dtype)``; the trainer never needs to know which types are inside.
+``("mamba2",)`` a Mamba-2 LM, ``("m2",)`` a causal Monarch Mixer LM, ``("mamba2", "mamba2", "attention")`` a hybrid.
+The block types are the registry ``lcjax.models.blocks.BLOCKS``; each block is built from ``BlockDims`` and its own
+mixer config: ``LMConfig.mixers[kind]`` (e.g. ``mixers={"mamba2": Mamba2Config(...)}``), or for attention the flat
+attention fields (``LMConfig.attention``). Blocks share one calling convention, ``block(x_BLD, *, positions_BL,
+segment_ids_BL, cache) -> (x_BLD, cache)`` and ``block.init_cache(batch, length, dtype)``; the trainer never needs to
+know which types are inside.
 
 Parameter names follow HF ``LlamaForCausalLM`` (``embed_tokens``, ``layers[i].self_attn.q_proj``, ``norm``,
 ``lm_head``) so ``lcjax.convert`` maps are one-to-one. With ``scan_layers=True`` the pattern's period is stacked
@@ -17,39 +18,91 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from lcjax import sharding
+from lcjax import checks, sharding
 from lcjax.layers import stack as stack_lib
-from lcjax.layers.attention import Attention, AttentionConfig
-from lcjax.layers.basic import MLP, Embedding, RMSNorm, normal_init
+from lcjax.layers.attention import AttentionConfig
+from lcjax.layers.basic import Embedding, RMSNorm, normal_init
 from lcjax.layers.mamba2 import Mamba2Config
-from lcjax.layers.monarch_mixer import M2SequenceMixerConfig
+from lcjax.models.blocks import BLOCKS, BlockDims
+from lcjax.models.blocks.common import DTYPES, mixer_config_from_mapping
 from lcjax.ops import rope as rope_ops
 from lcjax.typing import Array, ArrayLike, Float, Int
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------------
-BLOCK_TYPES = ("attention", "mamba2", "m2")
+BLOCK_TYPES = tuple(BLOCKS)  # the built-in block types (lcjax.models.blocks.BLOCKS is the registry)
+
+
+class MixerConfigs(Mapping):
+    """``LMConfig.mixers``: block type -> mixer config, immutable and hashable (so ``LMConfig`` stays a static jit
+    argument). Built from any mapping; compares equal to a dict with the same items."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any] | None = None):
+        self._items = dict(items or {})
+
+    def __getitem__(self, kind: str) -> Any:
+        return self._items[kind]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._items.items(), key=lambda kv: kv[0])))
+
+    def __repr__(self) -> str:
+        return f"MixerConfigs({self._items!r})"
+
+
+def _mixer_configs(mixers: Any) -> MixerConfigs:
+    """Validate ``LMConfig.mixers``; values may be configs or mappings of their fields (config files)."""
+    if not isinstance(mixers, Mapping):
+        raise TypeError(f"LMConfig.mixers must be a mapping of block type -> mixer config, got {mixers!r}")
+    out = {}
+    for kind, value in mixers.items():
+        name = f"LMConfig.mixers[{kind!r}]"
+        checks.require(kind != "attention", f"{name}: attention is configured by LMConfig's own fields "
+                       "(n_heads, n_kv_heads, head_dim, rope, window, attn_impl, ...), not by mixers")
+        checks.require_choice("LMConfig.mixers key", kind, [k for k in BLOCKS if k != "attention"])
+        cls = BLOCKS[kind].mixer_config
+        if isinstance(value, Mapping):
+            value = mixer_config_from_mapping(cls, value, name)
+        elif not isinstance(value, cls):
+            raise TypeError(f"{name} must be a {cls.__name__} (or a dict of its fields), got {value!r}")
+        out[kind] = value
+    return MixerConfigs(out)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LMConfig:
+    """Decoder LM hyper-parameters. Attention is configured by the flat fields (``n_heads`` .. ``attention_bias``,
+    every HF family has them; ``attention`` assembles its ``AttentionConfig``); every other block type used in
+    ``block_pattern`` takes its mixer config from ``mixers`` (a dict is accepted and stored as an immutable
+    ``MixerConfigs``; values may be configs or dicts of their fields). Each block type checks its own config against
+    the model (``lcjax.models.blocks``: ``Block.check``)."""
+
     vocab_size: int
     d_model: int
     n_layers: int
     n_heads: int = 1
     n_kv_heads: int | None = None  # None -> n_heads (multi-head attention)
     head_dim: int | None = None  # None -> d_model // n_heads
-    mlp_dim: int = 0  # SwiGLU hidden width; 0 -> no MLP in attention blocks is NOT allowed (validated)
+    mlp_dim: int = 0  # SwiGLU hidden width of attention and m2 blocks (>= 1 there; unused by mamba2 blocks)
     block_pattern: tuple[str, ...] = ("attention",)
-    mamba2: Mamba2Config | None = None  # the mixer of "mamba2" blocks (required when the pattern has one)
-    m2: M2SequenceMixerConfig | None = None  # the causal sequence mixer of "m2" blocks (ditto)
+    mixers: Mapping[str, Any] = MixerConfigs()  # block type -> mixer config, for every non-attention type used
     max_seq_len: int = 2048
     rope: rope_ops.RopeConfig = rope_ops.RopeConfig()
     norm_eps: float = 1e-5
@@ -65,53 +118,42 @@ class LMConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if self.head_dim is None and self.n_heads >= 1:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            checks.require_int(f"LMConfig.{name}", getattr(self, name), min=1)
+        n_kv = checks.require_optional_int("LMConfig.n_kv_heads", self.n_kv_heads, min=1)
+        object.__setattr__(self, "n_kv_heads", self.n_heads if n_kv is None else n_kv)
+        head_dim = checks.require_optional_int("LMConfig.head_dim", self.head_dim, min=1)
+        if head_dim is None:
+            checks.require(self.d_model >= self.n_heads, f"LMConfig.n_heads={self.n_heads} must be <= d_model="
+                                                         f"{self.d_model} when head_dim is None")  # fmt: skip
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LMConfig.{name}={value!r} must be a positive int")
-        if not isinstance(self.block_pattern, tuple) or not self.block_pattern:
-            raise ValueError(f"LMConfig.block_pattern={self.block_pattern!r} must be a non-empty tuple")
-        for kind in self.block_pattern:
-            if kind not in _block_classes():
-                raise ValueError(f"LMConfig.block_pattern: unknown block type {kind!r}; allowed: {tuple(_block_classes())}")
-        if self.n_layers % len(self.block_pattern):
-            raise ValueError(
-                f"LMConfig.n_layers={self.n_layers} must be a multiple of len(block_pattern)={len(self.block_pattern)}"
-            )
-        if "attention" in self.block_pattern:
-            if self.n_heads % self.n_kv_heads:
-                raise ValueError(f"LMConfig.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
-            if self.mlp_dim < 1:
-                raise ValueError(f"LMConfig.mlp_dim={self.mlp_dim} must be >= 1 for attention blocks")
-        if "mamba2" in self.block_pattern:
-            if not isinstance(self.mamba2, Mamba2Config):
-                raise ValueError(f"LMConfig.mamba2={self.mamba2!r}: a Mamba2Config is required for 'mamba2' blocks")
-            if self.mamba2.d_model != self.d_model:
-                raise ValueError(f"LMConfig.mamba2.d_model={self.mamba2.d_model} must equal d_model={self.d_model}")
-        elif self.mamba2 is not None and not isinstance(self.mamba2, Mamba2Config):
-            raise ValueError(f"LMConfig.mamba2={self.mamba2!r} must be a Mamba2Config or None")
-        if "m2" in self.block_pattern:
-            if not isinstance(self.m2, M2SequenceMixerConfig):
-                raise ValueError(f"LMConfig.m2={self.m2!r}: an M2SequenceMixerConfig is required for 'm2' blocks")
-            if self.m2.d_model != self.d_model or self.m2.bidirectional:
-                raise ValueError(f"LMConfig.m2 must be causal (bidirectional=False) with d_model={self.d_model}")
-            if self.m2.l_max < self.max_seq_len:
-                raise ValueError(f"LMConfig.m2.l_max={self.m2.l_max} must be >= max_seq_len={self.max_seq_len}")
-            if self.mlp_dim < 1:
-                raise ValueError(f"LMConfig.mlp_dim={self.mlp_dim} must be >= 1 for m2 blocks")
-        elif self.m2 is not None and not isinstance(self.m2, M2SequenceMixerConfig):
-            raise ValueError(f"LMConfig.m2={self.m2!r} must be an M2SequenceMixerConfig or None")
+        checks.require_int("LMConfig.mlp_dim", self.mlp_dim, min=0)
+        pattern = self.block_pattern
+        if not isinstance(pattern, tuple):
+            raise TypeError(f"LMConfig.block_pattern must be a tuple of block types, got {pattern!r}")
+        checks.require(len(pattern) > 0, f"LMConfig.block_pattern=() must name at least one block type; allowed: "
+                                         f"{tuple(BLOCKS)}")  # fmt: skip
+        for kind in pattern:
+            checks.require(isinstance(kind, str) and kind in BLOCKS,
+                           f"LMConfig.block_pattern: unknown block type {kind!r}; allowed: {tuple(BLOCKS)}")
+        checks.require(self.n_layers % len(pattern) == 0, f"LMConfig.n_layers={self.n_layers} must be a multiple of "
+                                                          f"len(block_pattern)={len(pattern)}")  # fmt: skip
+        if not isinstance(self.rope, rope_ops.RopeConfig):
+            raise TypeError(f"LMConfig.rope must be a RopeConfig, got {self.rope!r}")
+        checks.require_float("LMConfig.norm_eps", self.norm_eps, min=0.0, min_open=True)
+        for name in ("tie_embeddings", "attention_bias", "mlp_bias", "scan_layers", "remat"):
+            checks.require_bool(f"LMConfig.{name}", getattr(self, name))
+        checks.require_optional_int("LMConfig.window", self.window, min=1)
+        checks.require_str("LMConfig.attn_impl", self.attn_impl)
+        checks.require_choice("LMConfig.context_impl", self.context_impl, ("ring", "allgather"))
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16", "float64"):
-                raise ValueError(f"LMConfig.{name}={getattr(self, name)!r}; allowed: float32, bfloat16, float16, float64")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"LMConfig.window={self.window} must be >= 1 or None")
-        if not self.norm_eps > 0:
-            raise ValueError(f"LMConfig.norm_eps={self.norm_eps} must be > 0")
+            checks.require_choice(f"LMConfig.{name}", getattr(self, name), DTYPES)
+        object.__setattr__(self, "mixers", _mixer_configs(self.mixers))
+        for kind in dict.fromkeys(pattern):  # each block type validates its own mixer config against the model
+            checks.require(kind == "attention" or kind in self.mixers, f"LMConfig.mixers[{kind!r}]: a "
+                           f"{BLOCKS[kind].mixer_config.__name__} is required for {kind!r} blocks")  # fmt: skip
+            name = "LMConfig" if kind == "attention" else f"LMConfig.mixers[{kind!r}]"
+            BLOCKS[kind].check(self.block_dims, self.mixer_config(kind), max_seq_len=self.max_seq_len, name=name)
 
     @property
     def attention(self) -> AttentionConfig:
@@ -120,6 +162,16 @@ class LMConfig:
             rope=self.rope, qkv_bias=self.attention_bias, o_bias=self.attention_bias, window=self.window,
             impl=self.attn_impl, context_impl=self.context_impl,
         )  # fmt: skip
+
+    @property
+    def block_dims(self) -> BlockDims:
+        """The model-wide sizes every block is built from."""
+        return BlockDims(d_model=self.d_model, norm_eps=self.norm_eps, mlp_dim=self.mlp_dim, mlp_bias=self.mlp_bias,
+                         dtype=self.dtype, param_dtype=self.param_dtype)  # fmt: skip
+
+    def mixer_config(self, kind: str) -> Any:
+        """The mixer config of ``kind`` blocks: ``attention`` for attention, else ``mixers[kind]``."""
+        return self.attention if kind == "attention" else self.mixers[kind]
 
     def layer_types(self) -> tuple[str, ...]:
         return tuple(self.block_pattern[i % len(self.block_pattern)] for i in range(self.n_layers))
@@ -162,48 +214,13 @@ class LMConfig:
         130m 128,989,632; 370m 368,346,624; 780m 780,161,280; 1.3b 1,343,757,312; 2.7b 2,702,599,680.
         """
         layers = {"130m": 24, "370m": 48, "780m": 48, "1.3b": 48, "2.7b": 64}
-        if name not in layers:
-            raise ValueError(f"LMConfig.mamba2_preset: unknown name {name!r}; allowed: {sorted(layers)}")
+        checks.require_choice("LMConfig.mamba2_preset: name", name, sorted(layers))
         mixer = Mamba2Config.preset(name)
         kw = dict(
-            vocab_size=50_288, d_model=mixer.d_model, n_layers=layers[name], block_pattern=("mamba2",), mamba2=mixer,
-            tie_embeddings=True, max_seq_len=1 << 20,
+            vocab_size=50_288, d_model=mixer.d_model, n_layers=layers[name], block_pattern=("mamba2",),
+            mixers={"mamba2": mixer}, tie_embeddings=True, max_seq_len=1 << 20,
         )  # fmt: skip
         return cls(**(kw | overrides))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Blocks
-# ---------------------------------------------------------------------------------------------------------------
-class AttentionBlock(nnx.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))`` (HF ``LlamaDecoderLayer``)."""
-
-    def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
-        pd = jnp.dtype(cfg.param_dtype)
-        self.input_layernorm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.self_attn = Attention(cfg.attention, param_dtype=pd, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_dim, bias=cfg.mlp_bias, param_dtype=pd, rngs=rngs)
-
-    def __call__(self, x_BLD, *, positions_BL, segment_ids_BL, cache=None):
-        h_BLD, cache = self.self_attn(
-            self.input_layernorm(x_BLD), positions_BL=positions_BL, segment_ids_BL=segment_ids_BL, cache=cache
-        )
-        x_BLD = x_BLD + h_BLD
-        x_BLD = x_BLD + self.mlp(self.post_attention_layernorm(x_BLD))
-        return sharding.shard(x_BLD, "act_batch", "act_seq", "act_embed"), cache
-
-    def init_cache(self, batch: int, length: int, dtype=jnp.float32):
-        return self.self_attn.init_cache(batch, length, dtype)
-
-
-@functools.cache
-def _block_classes() -> dict[str, type[nnx.Module]]:
-    """Block type name -> residual block class (constructor ``cls(cfg: LMConfig, *, rngs)``)."""
-    from lcjax.models.m2_block import M2Block  # these import lcjax.layers only; late to keep lm.py importable first
-    from lcjax.models.mamba2_block import Mamba2Block
-
-    return {"attention": AttentionBlock, "mamba2": Mamba2Block, "m2": M2Block}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,15 +238,15 @@ class LM(nnx.Module):
         self.cfg = cfg
         pd = jnp.dtype(cfg.param_dtype)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model, param_dtype=pd, rngs=rngs)
-        classes = _block_classes()
+        dims = cfg.block_dims
+        make = lambda kind, r: BLOCKS[kind](dims, cfg.mixer_config(kind), rngs=r)  # noqa: E731
         if cfg.scan_layers:
             n_periods = cfg.n_layers // len(cfg.block_pattern)
             self.layers = nnx.List(
-                [stack_lib.stack(lambda r, k=kind: classes[k](cfg, rngs=r), n_periods, rngs=rngs)
-                 for kind in cfg.block_pattern]
-            )  # fmt: skip
+                [stack_lib.stack(functools.partial(make, kind), n_periods, rngs=rngs) for kind in cfg.block_pattern]
+            )
         else:
-            self.layers = nnx.List([classes[kind](cfg, rngs=rngs) for kind in cfg.layer_types()])
+            self.layers = nnx.List([make(kind, rngs) for kind in cfg.layer_types()])
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
         if not cfg.tie_embeddings:
             w_DV = normal_init(rngs.params(), {"w": (cfg.d_model, cfg.vocab_size)}, std=0.02, dtype=pd)["w"]
@@ -241,23 +258,38 @@ class LM(nnx.Module):
     ) -> Float[Array, "B L V"] | tuple[Float[Array, "B L V"], LMCache]:  # fmt: skip
         """Logits ``[B, L, V]`` (float32); with a ``cache``, ``(logits, new_cache)``.
 
-        ``segment_ids`` mark packed documents (tokens attend within their own id); positions default to restarting
-        at 0 in every segment, or to continuing from ``cache.index`` when decoding.
+        ``segment_ids_BL`` mark packed documents (one meaning everywhere: a document is a run of equal positive ids,
+        0 is padding, negative ids are refused); ``None`` makes every row one document. Positions default to
+        restarting at 0 in every segment, or to continuing from ``cache.index`` when decoding.
+
+        Token ids must lie in ``[0, vocab_size)``. Concrete ids (an eager call) are checked here (``ValueError``);
+        so are concrete negative segment ids. Under a plain ``jax.jit`` the ids are tracers and pass unchecked: an
+        out-of-range id is clamped by the embedding gather (JAX gather semantics), a silent wrong answer. To check
+        under jit, wrap the function with ``lcjax.checks.checkify``:
+        ``err, logits = jax.jit(checks.checkify(lambda m, t: m(t)))(model, tokens); err.throw()``.
         """
         cfg = self.cfg
         tokens_BL = jnp.asarray(tokens_BL)
         positions_BL = None if positions_BL is None else jnp.asarray(positions_BL)
         segment_ids_BL = None if segment_ids_BL is None else jnp.asarray(segment_ids_BL)
-        if tokens_BL.ndim != 2 or not jnp.issubdtype(tokens_BL.dtype, jnp.integer):
-            raise ValueError(f"LM: tokens must be an integer [batch, length] array, got {tokens_BL.dtype}{tokens_BL.shape}")
+        checks.require(tokens_BL.ndim == 2 and jnp.issubdtype(tokens_BL.dtype, jnp.integer),
+                       f"LM: tokens_BL must be an integer [batch, length] array, got "
+                       f"{tokens_BL.dtype}{tokens_BL.shape}")  # fmt: skip
         B, L = tokens_BL.shape
-        if cache is None and L > cfg.max_seq_len:
-            raise ValueError(f"LM: sequence length {L} exceeds LMConfig.max_seq_len={cfg.max_seq_len}")
+        checks.require(B >= 1 and L >= 1, f"LM: tokens_BL must hold at least one token per row, got shape {(B, L)}")
+        checks.require(cache is not None or L <= cfg.max_seq_len,
+                       f"LM: sequence length {L} exceeds LMConfig.max_seq_len={cfg.max_seq_len}")  # fmt: skip
         for name, arr in (("positions_BL", positions_BL), ("segment_ids_BL", segment_ids_BL)):
-            if arr is not None and (arr.shape != (B, L) or not jnp.issubdtype(arr.dtype, jnp.integer)):
-                raise ValueError(f"LM: {name} must be an integer array of shape {(B, L)}, got {arr.dtype}{arr.shape}")
+            checks.require(arr is None or (arr.shape == (B, L) and jnp.issubdtype(arr.dtype, jnp.integer)),
+                           f"LM: {name} must be an integer array of shape {(B, L)}, got "
+                           f"{None if arr is None else f'{arr.dtype}{arr.shape}'}")  # fmt: skip
+        checks.check_token_ids("LM: tokens_BL", tokens_BL, cfg.vocab_size)
+        if segment_ids_BL is not None and checks.is_concrete(segment_ids_BL) and segment_ids_BL.size:
+            low = int(np.min(np.asarray(segment_ids_BL)))
+            checks.require(low >= 0, f"LM: segment_ids_BL must be >= 0 (0 = padding, positive = document id), got "
+                                     f"min {low}")  # fmt: skip
         if segment_ids_BL is None:
-            segment_ids_BL = jnp.zeros((B, L), jnp.int32)
+            segment_ids_BL = jnp.ones((B, L), jnp.int32)
         if positions_BL is None:
             if cache is not None:
                 positions_BL = cache.index + jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
@@ -276,23 +308,29 @@ class LM(nnx.Module):
         else:
             new_caches = []
             for i, block in enumerate(self.layers):
-                call = (lambda b, x, c: b(x, **kw, cache=c))
+                call = lambda b, x, c: b(x, **kw, cache=c)  # noqa: E731
                 if cfg.remat:
                     call = jax.checkpoint(call)
                 x_BLD, c = call(block, x_BLD, None if layer_caches is None else layer_caches[i])
                 new_caches.append(c)
 
-        x_BLD = self.norm(x_BLD)
-        if cfg.tie_embeddings:
-            logits_BLV = self.embed_tokens.attend(x_BLD)
-        else:
-            logits_BLV = sharding.einsum(
-                "BLD,DV->BLV", x_BLD, sharding.read(self.lm_head, x_BLD.dtype), out=(*act, "act_vocab")
-            )
-        logits_BLV = logits_BLV.astype(jnp.float32)
+        logits_BLV = self.head(x_BLD)
         if cache is None:
             return logits_BLV
         return logits_BLV, LMCache(index=cache.index + L, layers=tuple(new_caches))
+
+    def head(self, x_BLD: Float[Array, "B L D"], *, seq: str | None = "act_seq") -> Float[Array, "B L V"]:
+        """Final norm, then the tied (``embed_tokens.attend``) or untied (``lm_head``) projection; float32 logits.
+
+        ``seq``: the logical name of the length axis (``None`` when it is not the model's sequence, as for the
+        beacon chunks of ``lcjax/models/beacon.py``)."""
+        x_BLD = self.norm(x_BLD)
+        if self.cfg.tie_embeddings:
+            logits_BLV = self.embed_tokens.attend(x_BLD, seq=seq)
+        else:
+            w_DV = sharding.read(self.lm_head, x_BLD.dtype)
+            logits_BLV = sharding.einsum("BLD,DV->BLV", x_BLD, w_DV, out=("act_batch", seq, "act_vocab"))
+        return logits_BLV.astype(jnp.float32)
 
     def _scan_blocks(self, x_BLD, kw, layer_caches):
         """One ``lax.scan`` over the stacked periods; each step applies every block of the pattern in order."""
@@ -341,31 +379,39 @@ def generate(
     linear in the cache for attention blocks. Under context parallelism (a mesh sharding ``act_seq``) the whole
     generation runs with the sequence replicated; batch, FSDP and tensor sharding apply as configured.
     """
+    vocab_size = model.cfg.vocab_size
     check_sampling_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, rng=rng,
-                        vocab_size=model.cfg.vocab_size)  # fmt: skip
-    prompt_BL = jnp.asarray(prompt_BL)
-    B, L = prompt_BL.shape
-    total = L + max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise ValueError(f"generate: prompt {L} + max_new_tokens {max_new_tokens} exceeds max_seq_len={model.cfg.max_seq_len}")
+                        vocab_size=vocab_size)  # fmt: skip
+    prompt_BL = check_prompt(prompt_BL, vocab_size)
+    L = prompt_BL.shape[1]
+    checks.require(L + max_new_tokens <= model.cfg.max_seq_len, f"generate: prompt {L} + max_new_tokens "
+                   f"{max_new_tokens} exceeds max_seq_len={model.cfg.max_seq_len}")  # fmt: skip
     rng = jax.random.key(0) if rng is None else rng
     rules = sharding.current_rules()
     if sharding.axis_size("act_seq") > 1:  # one-token steps cannot be split over the sequence
         rules = dataclasses.replace(rules, act_seq=())
-    return _generate(model, prompt_BL, rng, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                     rules=rules)  # fmt: skip
+    with sharding.use_rules(rules):  # sharding.jit keys its cache on the active rules
+        return _generate(model, prompt_BL, rng, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+
+
+def check_prompt(prompt_BL: Any, vocab_size: int) -> jax.Array:
+    """``prompt_BL`` as an int array of shape [batch >= 1, length >= 1] with ids in ``[0, vocab_size)``."""
+    prompt_BL = jnp.asarray(prompt_BL)
+    checks.require(prompt_BL.ndim == 2 and jnp.issubdtype(prompt_BL.dtype, jnp.integer),
+                   f"generate: prompt must be an int [batch, length] array, got "
+                   f"{prompt_BL.dtype}{prompt_BL.shape}")  # fmt: skip
+    checks.require(prompt_BL.size > 0, f"generate: prompt must hold at least one token per row, got shape "
+                                       f"{prompt_BL.shape}")  # fmt: skip
+    checks.check_token_ids("generate: prompt", prompt_BL, vocab_size)
+    return prompt_BL
 
 
 def check_sampling_args(*, max_new_tokens: int, temperature: float, top_k: int | None, rng, vocab_size: int) -> None:
-    """The argument checks every ``generate`` shares (``ValueError`` naming the argument)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
-    if temperature < 0:
-        raise ValueError(f"generate: temperature={temperature} must be >= 0")
-    if temperature > 0 and rng is None:
-        raise ValueError("generate: rng is required when temperature > 0")
-    if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise ValueError(f"generate: top_k={top_k} must be in [1, vocab_size={vocab_size}]")
+    """The argument checks every ``generate`` shares (``TypeError``/``ValueError`` naming the argument)."""
+    checks.require_int("generate: max_new_tokens", max_new_tokens, min=1)
+    checks.require_float("generate: temperature", temperature, min=0.0)
+    checks.require_optional_int("generate: top_k", top_k, min=1, max=vocab_size)
+    checks.require(temperature == 0 or rng is not None, "generate: rng is required when temperature > 0")
 
 
 def sample_logits(
@@ -381,14 +427,8 @@ def sample_logits(
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "rules"))
-def _generate(model, prompt_BL, rng, *, max_new_tokens, temperature, top_k, rules):
-    with sharding.use_rules(rules):  # static: the trace depends on the rules, so they key the jit cache
-        return _generate_traced(model, prompt_BL, rng, max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_k=top_k)  # fmt: skip
-
-
-def _generate_traced(model, prompt_BL, rng, *, max_new_tokens, temperature, top_k):
+@sharding.jit(static_argnames=("max_new_tokens", "temperature", "top_k"))
+def _generate(model, prompt_BL, rng, *, max_new_tokens, temperature, top_k):
     B, L = prompt_BL.shape
     pick = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
 

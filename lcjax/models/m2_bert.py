@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcjax import sharding
+from lcjax import checks, sharding
 from lcjax.layers import monarch_mixer as mm
 from lcjax.layers.m2_filter import random_parts
 from lcjax.typing import Array, Bool, Float, Int
@@ -67,22 +67,22 @@ class M2BertConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
-        for name in ("d_model", "d_ff", "n_layers", "vocab_size", "max_position_embeddings", "type_vocab_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"M2BertConfig.{name}={getattr(self, name)} must be >= 1")
-        if self.l_max is not None and self.l_max < self.max_position_embeddings:
-            raise ValueError(f"M2BertConfig.l_max={self.l_max} must be >= max_position_embeddings="
-                             f"{self.max_position_embeddings} (every position needs a filter tap)")  # fmt: skip
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"M2BertConfig.pad_token_id={self.pad_token_id} must be in [0, vocab_size)")
+        for name in ("d_model", "d_ff", "n_layers", "vocab_size", "max_position_embeddings", "type_vocab_size",
+                     "nblocks", "filter_order", "emb_dim"):  # fmt: skip
+            checks.require_int(f"M2BertConfig.{name}", getattr(self, name), min=1)
+        checks.require_optional_int("M2BertConfig.l_max", self.l_max, min=self.max_position_embeddings)  # a tap each
+        checks.require_float("M2BertConfig.layer_norm_eps", self.layer_norm_eps, min=0.0, min_open=True)
+        checks.require_float("M2BertConfig.hyena_w", self.hyena_w)
+        for name in ("bidirectional", "residual_long_conv", "training_additions", "mask_padding", "pooler", "mlm_head"):
+            checks.require_bool(f"M2BertConfig.{name}", getattr(self, name))
+        checks.require_int("M2BertConfig.pad_token_id", self.pad_token_id, min=0, max=self.vocab_size - 1)
         self.sequence_mixer_config()
         self.dimension_mixer_config()
 
     @classmethod
     def preset(cls, name: str, **overrides) -> M2BertConfig:
         """``"80m" | "110m" | "260m" | "341m" | "80m-{2k,8k,32k}-retrieval"``."""
-        if name not in PRESETS:
-            raise ValueError(f"M2BertConfig.preset: unknown name {name!r}; allowed: {sorted(PRESETS)}")
+        checks.require_choice("M2BertConfig.preset: name", name, sorted(PRESETS))
         return cls(**(PRESETS[name] | overrides))
 
     @classmethod
@@ -106,8 +106,8 @@ class M2BertConfig:
 
     def param_count(self) -> int:
         """Encoder + embeddings (no pooler or MLM head), blockdiag MLP, from the module structure."""
-        if self.dim_linear != "blockdiag":
-            raise ValueError("M2BertConfig.param_count: the closed form covers dim_linear='blockdiag' only")
+        checks.require(self.dim_linear == "blockdiag",
+                       "M2BertConfig.param_count: the closed form covers dim_linear='blockdiag' only")
         d, f, o, e = self.d_model, self.d_ff, self.filter_order, self.emb_dim
         lm = self.l_max or self.max_position_embeddings
         mlp_rev = 2 if self.bidirectional else 1
@@ -180,8 +180,11 @@ class M2Bert(nnx.Module):
     ) -> Float[Array, "B L D"]:  # fmt: skip
         cfg = self.cfg
         L = input_ids_BL.shape[1]
-        if L > cfg.max_position_embeddings:
-            raise ValueError(f"M2Bert: input length {L} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+        checks.require(1 <= L <= cfg.max_position_embeddings, f"M2Bert: input length {L} must be in "
+                       f"[1, max_position_embeddings={cfg.max_position_embeddings}]")  # fmt: skip
+        checks.check_token_ids("M2Bert: input_ids_BL", input_ids_BL, cfg.vocab_size)
+        if token_type_ids_BL is not None:
+            checks.check_token_ids("M2Bert: token_type_ids_BL", token_type_ids_BL, cfg.type_vocab_size)
         if token_type_ids_BL is None:
             token_type_ids_BL = jnp.zeros_like(input_ids_BL)
         mask_BL = None
@@ -194,8 +197,7 @@ class M2Bert(nnx.Module):
 
     def mlm_logits(self, h_BLD: Float[Array, "B L D"]) -> Float[Array, "B L V"]:
         """``BertLMPredictionHead``: ``LN(GELU(dense(h))) @ word_embeddingsᵀ + bias`` (LN eps 1e-12)."""
-        if not self.cfg.mlm_head:
-            raise ValueError("M2Bert.mlm_logits: the model was built with mlm_head=False")
+        checks.require(self.cfg.mlm_head, "M2Bert.mlm_logits: the model was built with mlm_head=False")
         t_BLD = mm._einsum("BLD,DE->BLE", h_BLD, self.transform[...], out=ACT_BLD)
         t_BLD = t_BLD + mm.act_param(self.transform_bias[...], 3, "act_embed")
         t_BLD = mm.layer_norm(jax.nn.gelu(t_BLD, approximate=False), self.transform_layernorm[...],
@@ -207,8 +209,7 @@ class M2Bert(nnx.Module):
     def pooled(self, h_BLD: Float[Array, "B L D"], attention_mask_BL: Bool[Array, "B L"] | Int[Array, "B L"]
                ) -> Float[Array, "B D"]:  # fmt: skip
         """``BertPooler`` with ``pool_all``: ``tanh(dense(mean_pool(h, mask)))`` (the retrieval sentence embedding)."""
-        if not self.cfg.pooler:
-            raise ValueError("M2Bert.pooled: the model was built with pooler=False")
+        checks.require(self.cfg.pooler, "M2Bert.pooled: the model was built with pooler=False")
         m_BD = mean_pool(h_BLD, attention_mask_BL)
         p_BD = mm._einsum("BD,DE->BE", m_BD, self.pooler[...], out=("act_batch", None))
         return jnp.tanh(p_BD + mm.act_param(self.pooler_bias[...], 2, None))

@@ -8,7 +8,8 @@ the Pallas splash kernel (``jax/experimental/pallas/ops/tpu/splash_attention``).
 
 Layout: q ``[B, L, H, P]``, k and v ``[B, S, K, P]`` with ``H % K == 0``; query head ``h`` uses kv head
 ``h // (H // K)``, computed by viewing q as ``[B, L, K, R, P]`` (k/v are never repeated). Masking (positions,
-segment ids, causal, sliding window, padding by segment id -1) is defined once in ``lcjax.ops.masks``. Logits and
+segment ids, causal, sliding window) is defined once in ``lcjax.ops.masks``; segment ids mean what
+``lcjax.ops.segments`` says (equal ids attend; empty KV-cache slots carry an id no query has). Logits and
 softmax run in float32, the output has ``q.dtype``, the default scale is ``1/sqrt(P)``; a query with no visible
 key gets output 0 and lse ``-inf`` (never NaN).
 
@@ -21,34 +22,37 @@ import enum
 import jax
 import jax.numpy as jnp
 
+from lcjax import checks
 from lcjax.ops import masks
-from lcjax.ops.attention_blockwise import DEFAULT_BLOCK, blockwise_attention, merge_attention
+from lcjax.ops.attention_blockwise import DEFAULT_BLOCK, blockwise_attention, blockwise_checked, merge_attention
 from lcjax.typing import Array, Float, Int
 
 __all__ = [
     "Impl",
     "attention_reference",
+    "available_impls",
     "blockwise_attention",
     "decode_attention",
     "dot_product_attention",
     "merge_attention",
-    "select_impl",
+    "resolve_impl",
 ]
 
 DENSE_MAX_QUERY_LEN = 16
 """``impl="auto"`` uses the dense path for L <= this (decoding, speculative steps): no tiles, no padding."""
 
 _F32 = jnp.float32
+_GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
 
 class Impl(enum.StrEnum):
-    """Attention implementations. ``AUTO`` picks per backend and arguments (see ``select_impl``)."""
+    """Attention implementations. ``AUTO`` picks per backend and arguments (see ``resolve_impl``)."""
 
     AUTO = "auto"
     REFERENCE = "reference"  # dense [L, S] logits in float32, autodiff; the oracle
     BLOCKWISE = "blockwise"  # pure-JAX flash attention with custom VJP; any mask, any backend
     XLA = "xla"  # jax.nn.dot_product_attention(implementation="xla") with our boolean mask
-    CUDNN = "cudnn"  # jax.nn.dot_product_attention(implementation="cudnn"); default positions/segments only
+    CUDNN = "cudnn"  # jax.nn.dot_product_attention(implementation="cudnn"); GPU, default positions/segments only
     SPLASH = "splash"  # Pallas TPU splash kernel; default positions, L and S multiples of 128
     SPLASH_INTERPRET = "splash_interpret"  # the same kernel in Pallas interpret mode (runs on CPU, for tests)
 
@@ -91,11 +95,10 @@ def attention_reference(
     Mask rule in ``lcjax.ops.masks``. Returns out (``q.dtype``), or ``(out, lse)`` with float32 lse ``[B, L, H]``
     when ``return_lse``. Differentiable by plain autodiff (memory O(L·S)); use it as the oracle and for short L.
     """
-    qp, kp, qs, ks, scale = masks.check_attention_inputs(
+    inputs = masks.check_attention_inputs(
         q, k, v, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, window=window, scale=scale)
-    mask_BLS = masks.make_mask(qp, kp, qs, ks, causal=causal, window=window)
-    out, lse = _dense_attention(q, k, v, mask_BLS, scale)
+        kv_segment_ids=kv_segment_ids, window=window, scale=scale)  # fmt: skip
+    out, lse = _dense_attention(q, k, v, inputs.mask(causal=causal, window=window), inputs.scale)
     return (out, lse) if return_lse else out
 
 
@@ -106,25 +109,19 @@ def decode_attention(
     *,
     q_positions: Int[Array, "B L"],
     kv_positions: Int[Array, "B S"],
-    q_segment_ids: Int[Array, "B L"] | None = None,
-    kv_segment_ids: Int[Array, "B S"] | None = None,
-    causal: bool = True,
-    window: int | None = None,
-    scale: float | None = None,
-    return_lse: bool = False,
+    **kwargs,
 ) -> Float[Array, "B L H P"] | tuple[Float[Array, "B L H P"], Float[Array, "B L H"]]:
     """Attention of a few new queries (``L = 1`` per decode step, or a short chunk) against a KV cache.
 
     The cache holds ``S`` slots with their absolute ``kv_positions``; the new tokens' ``q_positions`` are
-    required. Mark empty (not yet written) slots with ``kv_segment_ids = -1`` while queries keep segment 0 (or
-    give them positions greater than every query position, for causal attention). A dense masked path: for small L
-    the ``[L, S]`` logits are tiny, and there is no tiling or padding overhead. Same result as
-    ``attention_reference`` with the same arguments; ``dot_product_attention(impl="auto")`` routes here for
+    required. Mark empty (not yet written) slots with a segment id no query has (``lcjax.layers.attention`` uses
+    ``EMPTY_SEGMENT = -1``), or give them positions greater than every query position, for causal attention. A
+    dense masked path: for small L the ``[L, S]`` logits are tiny, and there is no tiling or padding overhead. Same
+    result as ``attention_reference`` with the same arguments (``kwargs``: its other keywords: segment ids,
+    ``causal``, ``window``, ``scale``, ``return_lse``), which ``dot_product_attention(impl="auto")`` runs for
     ``L <= DENSE_MAX_QUERY_LEN``.
     """
-    return attention_reference(
-        q, k_cache, v_cache, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        q_positions=q_positions, kv_positions=kv_positions, window=window, scale=scale, return_lse=return_lse)
+    return attention_reference(q, k_cache, v_cache, q_positions=q_positions, kv_positions=kv_positions, **kwargs)
 
 
 def _row_has_key(mask_BLS):
@@ -160,8 +157,6 @@ def _splash_attention(q, k, v, q_seg, kv_seg, *, causal, window, scale, return_l
 
     B, L, H, P = q.shape
     S = k.shape[1]
-    if L % 128 or S % 128:
-        raise ValueError(f"impl='splash' needs q length and kv length multiples of 128, got L={L}, S={S}")
     if window is not None:  # kv in [q - (window - 1), q + right]: the masks.make_mask window on arange positions
         base = sa.LocalMask((L, S), window_size=(window - 1, 0 if causal else window - 1), offset=0)
     elif causal:
@@ -186,38 +181,68 @@ def _splash_attention(q, k, v, q_seg, kv_seg, *, causal, window, scale, return_l
     return jnp.swapaxes(res, 1, 2)
 
 
-def select_impl(
+def available_impls(backend: str | None = None) -> tuple[Impl, ...]:
+    """The implementations that can run on ``backend`` (default: JAX's default backend)."""
+    backend = jax.default_backend() if backend is None else backend
+    fused = (Impl.CUDNN,) if backend in _GPU_BACKENDS else (Impl.SPLASH,) if backend == "tpu" else ()
+    return (Impl.AUTO, Impl.REFERENCE, Impl.BLOCKWISE, Impl.XLA, *fused, Impl.SPLASH_INTERPRET)
+
+
+def resolve_impl(
+    impl: Impl | str = Impl.AUTO,
     *,
-    L: int,
-    S: int,
-    P: int,
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
     dtype,
-    causal: bool,
-    window: int | None,
-    custom_positions: bool,
-    segment_ids: bool,
-    return_lse: bool,
+    causal: bool = True,
+    window: int | None = None,
+    custom_positions: bool = False,
+    segment_ids: bool = False,
+    return_lse: bool = False,
     backend: str | None = None,
 ) -> Impl:
-    """What ``impl="auto"`` runs. Rules, in order:
+    """The implementation ``dot_product_attention(impl=impl)`` runs for these shapes, arguments and backend.
 
-    1. ``L <= DENSE_MAX_QUERY_LEN`` -> REFERENCE (dense; decoding).
-    2. GPU, default positions and segment ids, bf16/f16, ``P % 8 == 0`` and ``P <= 128``, ``L == S``, causal if
-       windowed, no lse requested -> CUDNN.
-    3. TPU, default positions, ``L == S``, both multiples of 128, no lse requested -> SPLASH.
+    An explicit ``impl`` is returned as given once it is known to run here (else ``ValueError``: an unknown name, a
+    fused kernel on the wrong backend, or arguments it cannot express). ``"auto"`` follows these rules, in order:
+
+    1. ``q_len <= DENSE_MAX_QUERY_LEN`` -> REFERENCE (dense; decoding).
+    2. GPU, default positions and segment ids, bf16/f16, ``head_dim % 8 == 0`` and ``<= 128``, ``q_len == kv_len``,
+       causal if windowed, no lse requested -> CUDNN.
+    3. TPU, default positions, ``q_len == kv_len``, both multiples of 128, no lse requested -> SPLASH.
     4. Otherwise BLOCKWISE. The fused kernels are skipped when ``return_lse``: their lse is not differentiable
        (cuDNN's is also rounded to the input dtype), while the blockwise lse is float32 and differentiable.
     """
     backend = jax.default_backend() if backend is None else backend
-    if L <= DENSE_MAX_QUERY_LEN:
-        return Impl.REFERENCE
-    fused_ok = not custom_positions and not return_lse and L == S
-    if (backend in ("gpu", "cuda", "rocm") and fused_ok and not segment_ids and dtype in (jnp.bfloat16, jnp.float16)
-            and P % 8 == 0 and P <= 128 and (window is None or causal)):
-        return Impl.CUDNN
-    if backend == "tpu" and fused_ok and L % 128 == 0:
-        return Impl.SPLASH
-    return Impl.BLOCKWISE
+    impl = checks.require_choice("impl", impl, tuple(i.value for i in Impl))
+    impl = Impl(impl)
+    L, S, P = q_len, kv_len, head_dim
+    if impl is Impl.AUTO:
+        fused_ok = not custom_positions and not return_lse and L == S
+        if L <= DENSE_MAX_QUERY_LEN:
+            return Impl.REFERENCE
+        if (backend in _GPU_BACKENDS and fused_ok and not segment_ids and dtype in (jnp.bfloat16, jnp.float16)
+                and P % 8 == 0 and P <= 128 and (window is None or causal)):  # fmt: skip
+            return Impl.CUDNN
+        if backend == "tpu" and fused_ok and L % 128 == 0:
+            return Impl.SPLASH
+        return Impl.BLOCKWISE
+    if impl not in available_impls(backend):
+        device = "a GPU (cuDNN)" if impl is Impl.CUDNN else "a TPU"
+        raise ValueError(f"impl={impl.value!r} needs {device}; the backend here is {backend!r}. Implementations "
+                         f"available here: {', '.join(repr(i.value) for i in available_impls(backend))}")  # fmt: skip
+    if impl in (Impl.CUDNN, Impl.SPLASH, Impl.SPLASH_INTERPRET):
+        checks.require(not custom_positions, f"impl={impl.value!r} supports only default positions "
+                       "(q_positions=kv_positions=None); use impl='blockwise' for custom positions")  # fmt: skip
+    if impl is Impl.CUDNN:
+        checks.require(not segment_ids, "impl='cudnn' does not support q_segment_ids/kv_segment_ids; use "
+                       "impl='blockwise'")  # fmt: skip
+        checks.require(window is None or causal, "impl='cudnn' supports a window only with causal=True")
+    if impl in (Impl.SPLASH, Impl.SPLASH_INTERPRET):
+        checks.require(L % 128 == 0 and S % 128 == 0, f"impl={impl.value!r} needs q length and kv length "
+                       f"multiples of 128, got L={L}, S={S}")  # fmt: skip
+    return impl
 
 
 def dot_product_attention(
@@ -239,49 +264,35 @@ def dot_product_attention(
 ) -> Float[Array, "B L H P"] | tuple[Float[Array, "B L H P"], Float[Array, "B L H"]]:
     """Attention with one mask semantics (``lcjax.ops.masks``) and a choice of implementation.
 
-    ``impl``: an ``Impl`` or its string value; ``"auto"`` follows ``select_impl``. All implementations agree with
-    ``attention_reference`` on the arguments they accept, and refuse (ValueError) the ones they cannot express:
-    CUDNN and SPLASH need default positions (the mask is index based), CUDNN also no segment ids and, with a
-    window, causal. Caveats of the fused kernels: their lse (``return_lse``) is forward-only, and a query row that
-    sees no key is not guaranteed to give 0 (splash averages v there); REFERENCE, BLOCKWISE and XLA give 0.
-    ``block_q``/``block_kv`` are used by BLOCKWISE only.
+    ``impl``: an ``Impl`` or its string value; ``resolve_impl`` says what runs (``"auto"``: its rules). All
+    implementations agree with ``attention_reference`` on the arguments they accept, and refuse (ValueError) the ones
+    they cannot express: CUDNN (GPU only) and SPLASH (TPU only) need default positions (the mask is index based),
+    CUDNN also no segment ids and, with a window, causal. Caveats of the fused kernels: their lse (``return_lse``) is
+    forward-only, and a query row that sees no key is not guaranteed to give 0 (splash averages v there);
+    REFERENCE, BLOCKWISE and XLA give 0. ``block_q``/``block_kv`` are used by BLOCKWISE only.
     """
-    qp, kp, qs, ks, scale = masks.check_attention_inputs(
+    inputs = masks.check_attention_inputs(
         q, k, v, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, window=window, scale=scale)
-    try:
-        impl = Impl(impl)
-    except ValueError:
-        raise ValueError(f"impl must be one of {[i.value for i in Impl]}, got {impl!r}") from None
-    B, L, H, P = q.shape
-    S = k.shape[1]
-    custom_positions = q_positions is not None or kv_positions is not None
+        kv_segment_ids=kv_segment_ids, window=window, scale=scale)  # fmt: skip
     has_segments = q_segment_ids is not None or kv_segment_ids is not None
-    if impl is Impl.AUTO:
-        impl = select_impl(L=L, S=S, P=P, dtype=q.dtype, causal=causal, window=window,
-                           custom_positions=custom_positions, segment_ids=has_segments, return_lse=return_lse)
-    if impl in (Impl.CUDNN, Impl.SPLASH, Impl.SPLASH_INTERPRET) and custom_positions:
-        raise ValueError(f"impl={impl.value!r} supports only default positions (q_positions=kv_positions=None); "
-                         "use impl='blockwise' for custom positions")
-
-    if impl is Impl.REFERENCE:
-        out, lse = _dense_attention(q, k, v, masks.make_mask(qp, kp, qs, ks, causal=causal, window=window), scale)
-        return (out, lse) if return_lse else out
+    impl = resolve_impl(
+        impl, q_len=q.shape[1], kv_len=k.shape[1], head_dim=q.shape[3], dtype=q.dtype, causal=causal, window=window,
+        custom_positions=q_positions is not None or kv_positions is not None, segment_ids=has_segments,
+        return_lse=return_lse,
+    )  # fmt: skip
+    scale = inputs.scale
     if impl is Impl.BLOCKWISE:
-        return blockwise_attention(q, k, v, causal=causal, q_segment_ids=qs, kv_segment_ids=ks, q_positions=qp,
-                                   kv_positions=kp, window=window, scale=scale, return_lse=return_lse,
-                                   block_q=block_q, block_kv=block_kv)
+        return blockwise_checked(q, k, v, inputs, causal=causal, window=window, return_lse=return_lse,
+                                 block_q=block_q, block_kv=block_kv)  # fmt: skip
+    if impl is Impl.REFERENCE:
+        out, lse = _dense_attention(q, k, v, inputs.mask(causal=causal, window=window), scale)
+        return (out, lse) if return_lse else out
     if impl is Impl.XLA:
-        mask_BLS = masks.make_mask(qp, kp, qs, ks, causal=causal, window=window)
-        return _jax_nn_attention(q, k, v, implementation="xla", mask_BLS=mask_BLS, causal=causal, window=window,
-                                 scale=scale, return_lse=return_lse)
+        return _jax_nn_attention(q, k, v, implementation="xla", mask_BLS=inputs.mask(causal=causal, window=window),
+                                 causal=causal, window=window, scale=scale, return_lse=return_lse)  # fmt: skip
     if impl is Impl.CUDNN:
-        if has_segments:
-            raise ValueError("impl='cudnn' does not support q_segment_ids/kv_segment_ids; use impl='blockwise'")
-        if window is not None and not causal:
-            raise ValueError("impl='cudnn' supports a window only with causal=True")
         return _jax_nn_attention(q, k, v, implementation="cudnn", mask_BLS=None, causal=causal, window=window,
-                                 scale=scale, return_lse=return_lse)
-    seg = (qs, ks) if has_segments else (None, None)
+                                 scale=scale, return_lse=return_lse)  # fmt: skip
+    seg = (inputs.q_segment_ids, inputs.kv_segment_ids) if has_segments else (None, None)
     return _splash_attention(q, k, v, *seg, causal=causal, window=window, scale=scale, return_lse=return_lse,
                              interpret=impl is Impl.SPLASH_INTERPRET)

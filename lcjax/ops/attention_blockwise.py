@@ -13,7 +13,7 @@ q, k, v, out and lse (plus the int32 positions/segment ids), and each tile's pro
 ``P = exp(scale·q·kᵀ - lse)``, so memory is O(L·block), never O(L·S). The lse output is differentiable: with
 ``delta = rowsum(dO ∘ O) - dlse`` the score gradient is ``dS = P ∘ (dO·vᵀ - delta)``.
 
-The pieces ring attention reuses per hop:
+The per-hop pieces of split-KV schemes (ring attention reuses the tile kernels below them):
   ``blockwise_fwd``  (out f32, lse f32) of q against one kv chunk, tiled, no custom_vjp;
   ``blockwise_bwd``  (dq, dk, dv) f32 of one chunk pair given the *global* lse and delta;
   ``merge_attention`` the float32 (out, lse) merge of two partial results, safe for lse = -inf.
@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lcjax import checks
 from lcjax.ops import masks
 from lcjax.typing import Array, Bool, Float, Int
 
-__all__ = ["blockwise_attention", "blockwise_fwd", "blockwise_bwd", "merge_attention", "DEFAULT_BLOCK"]
+__all__ = ["blockwise_attention", "blockwise_checked", "blockwise_fwd", "blockwise_bwd", "merge_attention",
+           "DEFAULT_BLOCK"]
 
 DEFAULT_BLOCK = 512
 _F32 = jnp.float32
@@ -38,8 +40,8 @@ _F32 = jnp.float32
 
 def _check_blocks(block_q, block_kv) -> None:
     for name, b in (("block_q", block_q), ("block_kv", block_kv)):
-        if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
-            raise ValueError(f"{name} must be a positive int, got {b!r}")
+        checks.require_int(name, b)
+        checks.require(b >= 1, f"{name} must be a positive int, got {b!r}")
 
 
 def _tiles(x, block: int, *, pad_value=0, edge: bool = False):
@@ -66,6 +68,17 @@ def _kv_valid_tiles(S: int, block_kv: int):
         return None
     n_tiles = -(-S // block_kv)
     return (jnp.arange(n_tiles * block_kv) < S).reshape(n_tiles, block_kv)
+
+
+def _kv_xs(k, v, kv_positions, kv_segment_ids, bk: int):
+    """The per-kv-tile scan inputs ``(k, v, positions, segment ids, valid)`` of the forward and backward loops."""
+    return (
+        _tiles(k, bk),
+        _tiles(v, bk),
+        _tiles(kv_positions, bk, edge=True),  # edge padding keeps each tile's min/max inside the real range
+        _tiles(kv_segment_ids, bk, edge=True),
+        _kv_valid_tiles(kv_positions.shape[1], bk),
+    )
 
 
 def _tile_mask(qp_t, kp_t, qs_t, ks_t, valid_t, causal, window):
@@ -108,24 +121,22 @@ def blockwise_fwd(
     q: Float[Array, "B L H P"],
     k: Float[Array, "B S K P"],
     v: Float[Array, "B S K P"],
+    inputs: masks.AttentionInputs,
     *,
-    q_positions: Int[Array, "B L"],
-    kv_positions: Int[Array, "B S"],
-    q_segment_ids: Int[Array, "B L"],
-    kv_segment_ids: Int[Array, "B S"],
     causal: bool,
     window: int | None,
-    scale: float,
     block_q: int = DEFAULT_BLOCK,
     block_kv: int = DEFAULT_BLOCK,
 ) -> tuple[Float[Array, "B L H P"], Float[Array, "B L H"]]:
     """Tiled forward of q against one kv chunk: ``(out, lse)``, both float32, no custom_vjp.
 
-    Positions and segment ids are required here (this is the kernel ring attention calls once per hop; use
-    ``blockwise_attention`` for the public, differentiable function). Rows with no visible key give out 0 and
-    lse -inf. Any L, S: the last tile is padded internally and its padding is masked out.
+    ``inputs`` (positions, segment ids and scale of this chunk pair, as ``masks.check_attention_inputs`` returns
+    them) is required here: this is the per-hop kernel of split-KV / ring schemes; use ``blockwise_attention`` for
+    the public, differentiable function. Rows with no visible key give out 0 and lse -inf. Any L, S: the last tile
+    is padded internally and its padding is masked out.
     """
     _check_blocks(block_q, block_kv)
+    q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale = inputs
     B, L, H, P = q.shape
     S, K = k.shape[1], k.shape[2]
     R = H // K
@@ -135,13 +146,7 @@ def blockwise_fwd(
         _tiles(q_positions, bq, edge=True),  # edge padding keeps each tile's min/max inside the real range
         _tiles(q_segment_ids, bq, edge=True),
     )
-    kv_xs = (
-        _tiles(k, bk),
-        _tiles(v, bk),
-        _tiles(kv_positions, bk, edge=True),
-        _tiles(kv_segment_ids, bk, edge=True),
-        _kv_valid_tiles(S, bk),
-    )
+    kv_xs = _kv_xs(k, v, kv_positions, kv_segment_ids, bk)
 
     def one_q_tile(xs):
         q_BLKRP, qp_BL, qs_BL = xs
@@ -181,14 +186,10 @@ def blockwise_bwd(
     dout: Float[Array, "B L H P"],
     lse: Float[Array, "B L H"],
     delta: Float[Array, "B L H"],
+    inputs: masks.AttentionInputs,
     *,
-    q_positions: Int[Array, "B L"],
-    kv_positions: Int[Array, "B S"],
-    q_segment_ids: Int[Array, "B L"],
-    kv_segment_ids: Int[Array, "B S"],
     causal: bool,
     window: int | None,
-    scale: float,
     block_q: int = DEFAULT_BLOCK,
     block_kv: int = DEFAULT_BLOCK,
 ) -> tuple[Float[Array, "B L H P"], Float[Array, "B S K P"], Float[Array, "B S K P"]]:
@@ -200,6 +201,7 @@ def blockwise_bwd(
     invisible tiles are skipped exactly as in the forward pass.
     """
     _check_blocks(block_q, block_kv)
+    q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale = inputs
     B, L, H, P = q.shape
     S, K = k.shape[1], k.shape[2]
     R = H // K
@@ -216,13 +218,7 @@ def blockwise_bwd(
         _tiles(q_positions, bq, edge=True),
         _tiles(q_segment_ids, bq, edge=True),
     )
-    kv_xs = (
-        _tiles(k, bk),
-        _tiles(v, bk),
-        _tiles(kv_positions, bk, edge=True),
-        _tiles(kv_segment_ids, bk, edge=True),
-        _kv_valid_tiles(S, bk),
-    )
+    kv_xs = _kv_xs(k, v, kv_positions, kv_segment_ids, bk)
     n_q_tiles = q_xs[0].shape[0]
 
     def one_kv_tile(dq_tiles, xs):
@@ -282,8 +278,8 @@ def merge_attention(
 
 
 def _flash_primal(q, k, v, qp, kp, qs, ks, causal, window, scale, block_q, block_kv):
-    out, lse = blockwise_fwd(q, k, v, q_positions=qp, kv_positions=kp, q_segment_ids=qs, kv_segment_ids=ks,
-                             causal=causal, window=window, scale=scale, block_q=block_q, block_kv=block_kv)
+    inputs = masks.AttentionInputs(qp, kp, qs, ks, scale)
+    out, lse = blockwise_fwd(q, k, v, inputs, causal=causal, window=window, block_q=block_q, block_kv=block_kv)
     return out.astype(q.dtype), lse
 
 
@@ -296,9 +292,9 @@ def _flash_bwd(causal, window, scale, block_q, block_kv, residuals, cotangents):
     q, k, v, qp, kp, qs, ks, out, lse = residuals
     dout, dlse = cotangents
     delta_BLH = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1) - dlse.astype(_F32)
-    dq, dk, dv = blockwise_bwd(q, k, v, dout.astype(q.dtype), lse, delta_BLH, q_positions=qp, kv_positions=kp,
-                               q_segment_ids=qs, kv_segment_ids=ks, causal=causal, window=window, scale=scale,
-                               block_q=block_q, block_kv=block_kv)
+    inputs = masks.AttentionInputs(qp, kp, qs, ks, scale)
+    dq, dk, dv = blockwise_bwd(q, k, v, dout.astype(q.dtype), lse, delta_BLH, inputs, causal=causal, window=window,
+                               block_q=block_q, block_kv=block_kv)  # fmt: skip
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
@@ -328,10 +324,28 @@ def blockwise_attention(
     which is differentiable (its cotangent enters the backward pass through ``delta``). Block sizes are upper
     bounds (clamped to L and S); lengths need not be multiples of them. Memory for the gradient is O(L·block).
     """
-    qp, kp, qs, ks, scale = masks.check_attention_inputs(
+    inputs = masks.check_attention_inputs(
         q, k, v, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, window=window, scale=scale)
+        kv_segment_ids=kv_segment_ids, window=window, scale=scale)  # fmt: skip
+    return blockwise_checked(q, k, v, inputs, causal=causal, window=window, return_lse=return_lse, block_q=block_q,
+                             block_kv=block_kv)  # fmt: skip
+
+
+def blockwise_checked(
+    q: Float[Array, "B L H P"],
+    k: Float[Array, "B S K P"],
+    v: Float[Array, "B S K P"],
+    inputs: masks.AttentionInputs,
+    *,
+    causal: bool,
+    window: int | None,
+    return_lse: bool = False,
+    block_q: int = DEFAULT_BLOCK,
+    block_kv: int = DEFAULT_BLOCK,
+) -> Float[Array, "B L H P"] | tuple[Float[Array, "B L H P"], Float[Array, "B L H"]]:
+    """``blockwise_attention`` on inputs already checked by ``masks.check_attention_inputs`` (the dispatcher's path)."""
     _check_blocks(block_q, block_kv)
+    qp, kp, qs, ks, scale = inputs
     out, lse = _flash(q, k, v, qp, kp, qs, ks, bool(causal), None if window is None else int(window), scale,
                       int(block_q), int(block_kv))
     return (out, lse) if return_lse else out

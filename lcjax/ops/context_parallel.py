@@ -40,7 +40,6 @@ P head dim.
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Mapping
 
 import jax
@@ -49,9 +48,11 @@ import numpy as np
 from jax import lax
 
 from lcjax import sharding
+from lcjax.checks import require, require_int, validated_by
 from lcjax.ops import masks
+from lcjax.ops._common import AxisName, check_axis_name, check_context_attention, context_axis_name
 from lcjax.ops.attention_blockwise import blockwise_attention
-from lcjax.ops.ring_attention import AxisName, check_cp_inputs, default_block, ring_attention, validated
+from lcjax.ops.ring_attention import ring_attention, tile_sizes
 from lcjax.typing import Array, ArrayLike, Float, Int
 
 __all__ = [
@@ -73,10 +74,8 @@ class Strategy(enum.StrEnum):
 
 # ---- layouts ---------------------------------------------------------------------------------------------------
 def _layout(layout) -> Layout:
-    try:
-        return Layout(layout)
-    except ValueError:
-        raise ValueError(f"layout must be one of {[m.value for m in Layout]}, got {layout!r}") from None
+    require(layout in tuple(Layout), f"layout must be one of {[m.value for m in Layout]}, got {layout!r}")
+    return Layout(layout)
 
 
 def permutation(length: int, n: int, layout: Layout | str) -> np.ndarray:
@@ -86,13 +85,10 @@ def permutation(length: int, n: int, layout: Layout | str) -> np.ndarray:
     zigzag ``[0,1,14,15 | 2,3,12,13 | 4,5,10,11 | 6,7,8,9]``, striped ``[0,4,8,12 | 1,5,9,13 | ...]``.
     """
     layout = _layout(layout)
-    for name, val in (("length", length), ("n", n)):
-        if isinstance(val, bool) or not isinstance(val, int | np.integer) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    length, n = require_int("permutation: length", length, min=1), require_int("permutation: n", n, min=1)
     need = 2 * n if layout is Layout.ZIGZAG else n
-    if length % need:
-        raise ValueError(f"sequence length {length} must be divisible by {need} for layout={layout.value!r} with "
-                         f"context size n={n}" + (" (zigzag uses 2n chunks)" if layout is Layout.ZIGZAG else ""))
+    require(length % need == 0, f"sequence length {length} must be divisible by {need} for layout={layout.value!r} "
+                                f"with context size n={n}" + (" (zigzag uses 2n chunks)" if need == 2 * n else ""))
     if layout is Layout.CONTIGUOUS:
         return np.arange(length, dtype=np.int32)
     if layout is Layout.STRIPED:
@@ -123,15 +119,12 @@ def apply_layout(batch: Mapping[str, object], *, n: int, layout: Layout | str, a
     sequence), because positions computed after the permutation would be wrong. numpy in, numpy out; jax arrays
     must not be sharded along ``axis`` (use ``undo_layout`` on host or replicated data).
     """
-    if not isinstance(batch, Mapping) or not batch:
-        raise ValueError(f"batch must be a non-empty mapping of per-token arrays, got {type(batch).__name__}")
-    lengths = {}
+    require(isinstance(batch, Mapping) and bool(batch),
+            f"batch must be a non-empty mapping of per-token arrays, got {type(batch).__name__}")  # fmt: skip
     for key, x in batch.items():
-        if not hasattr(x, "shape") or len(x.shape) <= axis:
-            raise ValueError(f"batch[{key!r}] must be an array with a length axis {axis}, got {getattr(x, 'shape', x)}")
-        lengths[key] = x.shape[axis]
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"every batch array needs the same length on axis {axis}, got {lengths}")
+        _require_length_axis(f"batch[{key!r}]", x, axis)
+    lengths = {key: x.shape[axis] for key, x in batch.items()}
+    require(len(set(lengths.values())) == 1, f"every batch array needs the same length on axis {axis}, got {lengths}")
     length = next(iter(lengths.values()))
     perm = permutation(int(length), n, layout)
     out = dict(batch)
@@ -145,6 +138,11 @@ def apply_layout(batch: Mapping[str, object], *, n: int, layout: Layout | str, a
     return {key: _take(x, perm, axis) for key, x in out.items()}
 
 
+def _require_length_axis(name: str, x, axis: int) -> None:
+    require(hasattr(x, "shape") and len(x.shape) > axis,
+            f"{name} must be an array with a length axis {axis}, got {getattr(x, 'shape', x)}")  # fmt: skip
+
+
 def _positions_from_segments(seg: np.ndarray, axis: int) -> np.ndarray:
     """0, 1, ... along ``axis``, restarting wherever the segment id changes (numpy)."""
     seg = np.moveaxis(seg, axis, -1)
@@ -156,12 +154,17 @@ def _positions_from_segments(seg: np.ndarray, axis: int) -> np.ndarray:
 
 def undo_layout(x, *, n: int, layout: Layout | str, axis: int = 1):
     """Back to the original token order: the inverse of ``apply_layout`` for one array (outputs, logits)."""
-    if not hasattr(x, "shape") or len(x.shape) <= axis:
-        raise ValueError(f"x must be an array with a length axis {axis}, got {getattr(x, 'shape', x)}")
+    _require_length_axis("x", x, axis)
     return _take(x, inverse_permutation(int(x.shape[axis]), n, layout), axis)
 
 
 # ---- all-gather attention ----------------------------------------------------------------------------------------
+def _check_allgather(q, k, v, *, axis_name=None, **kw) -> None:
+    check_axis_name("allgather_attention", axis_name)
+    check_context_attention(q, k, v, **kw)
+
+
+@validated_by(_check_allgather)
 def allgather_attention(
     q: Float[Array, "B L H P"],
     k: Float[Array, "B S K P"],
@@ -187,9 +190,10 @@ def allgather_attention(
     attention runs with its custom VJP; the gradient of the gather reduce-scatters dK/dV back to their owners.
     Tiles default to ``default_block`` of the local lengths, so they line up with zigzag chunks for skipping.
     """
-    qs, ks, scale, bq, bk = check_cp_inputs(
+    qs, ks, scale = check_context_attention(
         q, k, v, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, window=window, scale=scale, block_q=block_q, block_kv=block_kv)
+        kv_segment_ids=kv_segment_ids, window=window, scale=scale)
+    bq, bk = tile_sizes(q.shape[1], k.shape[1], block_q, block_kv)
     kp = kv_positions.astype(jnp.int32)
     if axis_name is not None:
         gather = lambda x: lax.all_gather(x, axis_name, axis=1, tiled=True)  # noqa: E731
@@ -201,30 +205,17 @@ def allgather_attention(
 
 
 # ---- global-array dispatcher ---------------------------------------------------------------------------------------
-def _dispatch_validated(f):
+def _check_dispatch(q, k, v, *, strategy=Strategy.RING, **kw) -> None:
     """Checks of ``context_parallel_attention`` (ValueError), run before its runtime type check."""
-
-    @functools.wraps(f)
-    def wrapper(q, k, v, **kw):
-        strategy = kw.get("strategy", Strategy.RING)
-        try:
-            Strategy(strategy)
-        except ValueError:
-            raise ValueError(f"strategy must be one of {[s.value for s in Strategy]}, got {strategy!r}") from None
-        check_cp_inputs(q, k, v, **{name: kw.get(name) for name in (
-            "q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids", "window", "scale", "block_q",
-            "block_kv")})  # fmt: skip
-        n = sharding.axis_size("act_seq")
-        for name, x in (("q", q), ("k", k)):
-            if x.shape[1] % n:
-                raise ValueError(f"{name} sequence length {x.shape[1]} must be divisible by the context-parallel size "
-                                 f"{n} (mesh axes {sharding.mesh_axes('act_seq')} of act_seq)")
-        return f(q, k, v, **kw)
-
-    return wrapper
+    require(strategy in tuple(Strategy), f"strategy must be one of {[s.value for s in Strategy]}, got {strategy!r}")
+    check_context_attention(q, k, v, **kw)
+    n = sharding.axis_size("act_seq")
+    for name, x in (("q", q), ("k", k)):
+        require(x.shape[1] % n == 0, f"{name} sequence length {x.shape[1]} must be divisible by the context-parallel "
+                                     f"size {n} (mesh axes {sharding.mesh_axes('act_seq')} of act_seq)")  # fmt: skip
 
 
-@_dispatch_validated
+@validated_by(_check_dispatch)
 def context_parallel_attention(
     q: Float[Array, "B L H P"],
     k: Float[Array, "B S K P"],
@@ -251,8 +242,7 @@ def context_parallel_attention(
     divisible by the context size.
     """
     strategy = Strategy(strategy)
-    axes = sharding.mesh_axes("act_seq")
-    axis_name = None if not axes else axes[0] if len(axes) == 1 else axes
+    axis_name = context_axis_name()
     fn = ring_attention if strategy is Strategy.RING else allgather_attention
     has_seg = q_segment_ids is not None
 
@@ -295,11 +285,9 @@ def ring_work(
     qs = np.zeros_like(qp) if q_segment_ids is None else np.asarray(q_segment_ids, np.int32)
     ks = np.zeros_like(kp) if kv_segment_ids is None else np.asarray(kv_segment_ids, np.int32)
     B, L = qp.shape
-    if L % n or kp.shape[1] % n:
-        raise ValueError(f"lengths {L}, {kp.shape[1]} must be divisible by n={n}")
+    require(L % n == 0 and kp.shape[1] % n == 0, f"lengths {L}, {kp.shape[1]} must be divisible by n={n}")
     T, Tk = L // n, kp.shape[1] // n
-    bq = default_block(T) if block_q is None else min(block_q, T)
-    bk = default_block(Tk) if block_kv is None else min(block_kv, Tk)
+    bq, bk = tile_sizes(T, Tk, block_q, block_kv)
 
     def tiles(x, t, b):  # [B, n*t] -> [n, n_tiles, B, b], edge padding as blockwise_fwd
         x = x.reshape(B, n, t).transpose(1, 0, 2)

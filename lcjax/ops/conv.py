@@ -5,10 +5,11 @@ Matches ``torch.nn.Conv1d(C, C, K, groups=C, padding=K-1)`` keeping the first L 
 their ``seq_idx`` masking): out[t] = Σ_k w[k] · u[t - (W-1) + k] (+ bias), i.e. tap W-1 sees the current token.
 
 The history holds the last W-1 raw inputs before ``x``; it is zeros at the start of a sequence and is returned
-updated, so a prefill followed by token-by-token decoding equals one full call. With ``seq_idx_BL`` taps never cross
-a document boundary (a new document starts wherever the id changes) and the returned history keeps only the last
-document's tokens. Channels can be any trailing shape (``*E``), so x (H, P) and B/C (G, N) are convolved in their
-sharded layouts without concatenation.
+updated, so a prefill followed by token-by-token decoding equals one full call. With ``seq_idx_BL`` (lcjax segment
+ids, read as Mamba-2 reads them: a new document starts wherever the id changes, so a padding run of 0s is a document
+of its own) taps never cross a document boundary and the returned history keeps only the last document's tokens.
+Channels can be any trailing shape (``*E``), so x (H, P) and B/C (G, N) are convolved in their sharded layouts
+without concatenation.
 
 Dimension key (lcjax/typing.py): B batch, L length, W conv width, E channels (any trailing shape).
 """
@@ -19,37 +20,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lcjax.ops.ssd import _require, _validated_by, segment_ids
+from lcjax.checks import require, validated_by
+from lcjax.ops._common import require_float_array, require_ids, require_shape, run_index
 from lcjax.typing import Array, Float, Int
 
 
 def _check_conv_args(x_BLE, w_WE, bias_E=None, *, history_BWE=None, seq_idx_BL=None) -> None:
-    for name, a in (("x_BLE", x_BLE), ("w_WE", w_WE)):
-        _require(hasattr(a, "shape") and jnp.issubdtype(a.dtype, jnp.floating),
-                 f"{name}: expected a floating array, got {getattr(a, 'dtype', type(a).__name__)}")  # fmt: skip
-    _require(x_BLE.ndim >= 3, f"x_BLE: expected rank >= 3 (B, L, *channels), got shape {tuple(x_BLE.shape)}")
+    require_float_array("x_BLE", x_BLE, min_rank=3)
+    require_float_array("w_WE", w_WE)
     Bsz, L, *E = x_BLE.shape
-    _require(L >= 1, f"x_BLE: length L must be >= 1, got shape {tuple(x_BLE.shape)}")
-    _require(w_WE.ndim == x_BLE.ndim - 1 and tuple(w_WE.shape[1:]) == tuple(E),
-             f"w_WE: expected shape (W, *channels) with channels {tuple(E)}, got {tuple(w_WE.shape)}")  # fmt: skip
-    _require(w_WE.shape[0] >= 1, f"w_WE: conv width W must be >= 1, got shape {tuple(w_WE.shape)}")
-    W = w_WE.shape[0]
+    require(L >= 1, f"x_BLE: length L must be >= 1, got shape {tuple(x_BLE.shape)}")
+    require(w_WE.ndim == x_BLE.ndim - 1 and tuple(w_WE.shape[1:]) == tuple(E) and w_WE.shape[0] >= 1,
+            f"w_WE: expected shape (W, *channels) with W >= 1 and channels {tuple(E)}, got {tuple(w_WE.shape)}")
     if bias_E is not None:
-        _require(hasattr(bias_E, "shape") and tuple(bias_E.shape) == tuple(E),
-                 f"bias_E: expected shape {tuple(E)}, got {tuple(getattr(bias_E, 'shape', ()))}")  # fmt: skip
+        require_shape("bias_E", bias_E, tuple(E), "(*channels)")
     if history_BWE is not None:
-        want = (Bsz, W - 1, *E)
-        _require(hasattr(history_BWE, "shape") and tuple(history_BWE.shape) == want,
-                 f"history_BWE: expected shape (B, W-1, *channels) = {want}, got "
-                 f"{tuple(getattr(history_BWE, 'shape', ()))}")  # fmt: skip
-    if seq_idx_BL is not None:
-        _require(hasattr(seq_idx_BL, "dtype") and jnp.issubdtype(seq_idx_BL.dtype, jnp.integer)
-                 and tuple(seq_idx_BL.shape) == (Bsz, L),
-                 f"seq_idx_BL: expected an integer array of shape (B, L) = {(Bsz, L)}, got "
-                 f"{getattr(seq_idx_BL, 'dtype', None)} {tuple(getattr(seq_idx_BL, 'shape', ()))}")  # fmt: skip
+        require_shape("history_BWE", history_BWE, (Bsz, w_WE.shape[0] - 1, *E), "(B, W-1, *channels)")
+    require_ids("seq_idx_BL", seq_idx_BL, (Bsz, L))
 
 
-@_validated_by(_check_conv_args)
+@validated_by(_check_conv_args)
 def causal_conv1d(
     x_BLE: Float[Array, "B L *E"],
     w_WE: Float[Array, "W *E"],
@@ -73,7 +63,7 @@ def causal_conv1d(
     expand = (slice(None), slice(None)) + (None,) * len(E)  # (B, L) -> (B, L, 1, ...)
     keep_WBL = None
     if seq_idx_BL is not None:  # history positions continue the first document (segment 0)
-        seg_BS = jnp.pad(segment_ids(seq_idx_BL), [(0, 0), (W - 1, 0)])
+        seg_BS = jnp.pad(run_index(seq_idx_BL), [(0, 0), (W - 1, 0)])
         keep_WBL = jnp.stack([seg_BS[:, k : k + L] == seg_BS[:, W - 1 :] for k in range(W)])
     bias_E = jnp.zeros(tuple(E), dtype) if bias_E is None else bias_E.astype(dtype)
     y_BLE = _taps(u_BSE, w_WE.astype(dtype), bias_E, keep_WBL)

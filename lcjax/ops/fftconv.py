@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax import checks
 from lcjax.ops import monarch as monarch_ops
 from lcjax.typing import Array, Float, Int, Shaped
 
@@ -66,9 +67,13 @@ def _compute_dtype(*dtypes) -> np.dtype:
     return jnp.dtype(jnp.float64 if jnp.float64 in [jnp.dtype(d) for d in dtypes] else jnp.float32)
 
 
-def _check_kernel(u, k, name: str) -> None:
-    if k.shape != u.shape[-2:]:
-        raise ValueError(f"fftconv: {name} has shape {k.shape}; it must be (L, D) = {u.shape[-2:]} like u's last axes")
+def _check_inputs(u, k, name: str) -> None:
+    for arg, x in (("u", u), (name, k)):
+        checks.require(hasattr(x, "shape") and hasattr(x, "dtype"), f"fftconv: {arg} must be an array, got "
+                       f"{type(x).__name__}")  # fmt: skip
+    checks.require(u.ndim >= 2 and u.shape[-2] >= 1, f"fftconv: u must be (..., L, D) with L >= 1, got shape {u.shape}")
+    checks.require(k.shape == u.shape[-2:],
+                   f"fftconv: {name} has shape {k.shape}; it must be (L, D) = {u.shape[-2:]} like u's last axes")
 
 
 def bidirectional_kernel(k_LD: Float[ArrayIn, "L D"], k_rev_LD: Float[ArrayIn, "L D"]) -> Float[Array, "L2 D"]:
@@ -81,12 +86,12 @@ def fftconv_naive(
     u_BLD: Float[ArrayIn, "*B L D"], k_LD: Float[ArrayIn, "Lk Dk"], k_rev_LD: Float[ArrayIn, "Lr Dr"] | None = None
 ) -> Float[Array, "*B L D"]:
     """The dense Toeplitz sum of the module docstring (O(L²·D) memory and time): the reference."""
-    _check_kernel(u_BLD, k_LD, "k")
+    _check_inputs(u_BLD, k_LD, "k")
     L = u_BLD.shape[-2]
     lag_TS = np.arange(L)[:, None] - np.arange(L)[None, :]  # t - s
     toeplitz_TSD = jnp.where((lag_TS >= 0)[..., None], k_LD[np.clip(lag_TS, 0, None)], 0)
     if k_rev_LD is not None:
-        _check_kernel(u_BLD, k_rev_LD, "k_rev")
+        _check_inputs(u_BLD, k_rev_LD, "k_rev")
         toeplitz_TSD = toeplitz_TSD + jnp.where((lag_TS < 0)[..., None], k_rev_LD[np.clip(-lag_TS - 1, 0, None)], 0)
     return jnp.einsum("tsd,...sd->...td", toeplitz_TSD, u_BLD, precision=HIGHEST)
 
@@ -100,12 +105,11 @@ def fftconv(
     ``k_rev_LD=None``: causal, zero-padded to 2L. Otherwise the released bidirectional form (module docstring).
     ``impl``: ``"naive" | "jnp_fft" | "monarch"``; ``b1`` picks the Monarch block size of the length-2L DFT.
     """
-    if impl not in tuple(Impl):
-        raise ValueError(f"fftconv: impl={impl!r}; allowed: {tuple(i.value for i in Impl)}")
-    impl = Impl(impl)
-    _check_kernel(u_BLD, k_LD, "k")
+    impl = Impl(checks.require_choice("fftconv: impl", impl, tuple(i.value for i in Impl)))
+    _check_inputs(u_BLD, k_LD, "k")
     if k_rev_LD is not None:
-        _check_kernel(u_BLD, k_rev_LD, "k_rev")
+        _check_inputs(u_BLD, k_rev_LD, "k_rev")
+    checks.require_optional_int("fftconv: b1", b1, min=1)
     out_dtype = u_BLD.dtype
     dt = _compute_dtype(u_BLD.dtype, k_LD.dtype)
     u_BLD, k_LD = u_BLD.astype(dt), k_LD.astype(dt)
@@ -132,13 +136,12 @@ def fftconv(
 def causal_monarch_shape(length: int, b2: int | None = None) -> tuple[int, int]:
     """``(h, b2)`` with ``h·b2 = length`` for the 2L-point Monarch ``b1 = 2h``; default: ``b2 ≈ √L`` (the divisor
     minimising ``h + b2``, the per-channel cost of ``A``; ties go to the larger ``b2``)."""
-    if length < 1:
-        raise ValueError(f"causal_monarch_shape: length={length} must be >= 1")
+    length = checks.require_int("causal_monarch_shape: length", length, min=1)
+    b2 = checks.require_optional_int("causal_monarch_shape: b2", b2, min=1)
     if b2 is None:
         divisors = [d for d in range(1, length + 1) if length % d == 0]
         b2 = min(divisors, key=lambda d: (length // d + d, -d))
-    if b2 < 1 or length % b2:
-        raise ValueError(f"causal_monarch_shape: b2={b2} must be a positive divisor of the length {length}")
+    checks.require(length % b2 == 0, f"causal_monarch_shape: b2={b2} must be a positive divisor of the length {length}")
     return length // b2, b2
 
 
@@ -163,14 +166,13 @@ def unit_lower_inverse(raw: Float[ArrayIn, "*G m m"]) -> Float[Array, "*G m m"]:
 
 
 def _check_basis(L: int, basis_l, basis_r) -> tuple[int, int]:
-    if basis_r.ndim != 2 or basis_r.shape[0] != basis_r.shape[1]:
-        raise ValueError(f"causal_monarch: basis_r must be square (b2, b2), got {basis_r.shape}")
+    checks.require(basis_r.ndim == 2 and basis_r.shape[0] == basis_r.shape[1],
+                   f"causal_monarch: basis_r must be square (b2, b2), got {basis_r.shape}")  # fmt: skip
     b2 = basis_r.shape[0]
-    if basis_l.ndim != 3 or basis_l.shape[0] != b2 or basis_l.shape[1] != basis_l.shape[2]:
-        raise ValueError(f"causal_monarch: basis_l must be (b2, h, h) with b2={b2}, got {basis_l.shape}")
+    checks.require(basis_l.ndim == 3 and basis_l.shape[0] == b2 and basis_l.shape[1] == basis_l.shape[2],
+                   f"causal_monarch: basis_l must be (b2, h, h) with b2={b2}, got {basis_l.shape}")  # fmt: skip
     h = basis_l.shape[1]
-    if h * b2 != L:
-        raise ValueError(f"causal_monarch: the sequence length {L} must equal h·b2 = {h}·{b2} = {h * b2}")
+    checks.require(h * b2 == L, f"causal_monarch: the sequence length {L} must equal h·b2 = {h}·{b2} = {h * b2}")
     return h, b2
 
 
@@ -209,7 +211,7 @@ def causal_monarch_conv(
     lower-triangular basis factors (zeros = the monomial basis = the causal FFT conv); ``L = h·b2``. ``impl`` is
     the inner length-2L convolution's (``causal_monarch_shape`` picks ``h, b2``).
     """
-    _check_kernel(u_BLD, k_LD, "k")
+    _check_inputs(u_BLD, k_LD, "k")
     dt = _compute_dtype(u_BLD.dtype, k_LD.dtype)
     cu_BLD = basis_apply(u_BLD.astype(dt), basis_l, basis_r)
     ck_LD = basis_apply(k_LD.astype(dt), basis_l, basis_r)

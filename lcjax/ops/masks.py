@@ -9,8 +9,10 @@ Dense, blockwise, splash, decode and ring attention all use this one rule. Query
 
 so a causal window of ``w`` keeps the current token and the ``w - 1`` before it (Mistral / Longformer style).
 Positions and segment ids are int32 ``[B, L]`` (queries) and ``[B, S]`` (keys). Defaults: positions ``arange``,
-segment ids all 0. Padding and empty KV-cache slots are keys whose segment id matches no query: use ``-1`` with
-the default query segment id 0. A query row with no visible key returns output 0 and lse ``-inf``.
+segment ids all 0 (one group). Segment ids mean what ``lcjax.ops.segments`` says: documents never see each other,
+padding (id 0) sees only padding, real tokens never see padding. Empty KV-cache slots are keys whose segment id
+matches no query (an internal sentinel such as ``-1``, below every real id). A query row with no visible key returns
+output 0 and lse ``-inf``.
 
 Because the kernels see only positions (never a layout), context-parallel layouts (contiguous, zigzag, striped) are
 data-pipeline permutations: permute tokens, positions and segment ids together and the mask stays right.
@@ -18,14 +20,16 @@ data-pipeline permutations: permute tokens, positions and segment ids together a
 Dimension key (lcjax/typing.py): B batch, L query length, S key length, H query heads, K kv heads, P head dim.
 """
 
-import numbers
+import math
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
-from lcjax.typing import Array, Bool, Float, Int
+from lcjax import checks
+from lcjax.typing import Array, Bool, Int
 
-__all__ = ["make_mask", "tile_may_attend", "check_attention_inputs"]
+__all__ = ["AttentionInputs", "make_mask", "tile_may_attend", "check_attention_inputs"]
 
 
 def make_mask(
@@ -74,15 +78,28 @@ def tile_may_attend(
     return visible
 
 
+class AttentionInputs(NamedTuple):
+    """The checked mask arguments of one attention call, defaults filled (``check_attention_inputs``)."""
+
+    q_positions: Int[Array, "B L"]
+    kv_positions: Int[Array, "B S"]
+    q_segment_ids: Int[Array, "B L"]
+    kv_segment_ids: Int[Array, "B S"]
+    scale: float
+
+    def mask(self, *, causal: bool, window: int | None) -> Bool[Array, "B L S"]:
+        """The dense visibility mask (``make_mask``) of these positions and segment ids."""
+        return make_mask(self.q_positions, self.kv_positions, self.q_segment_ids, self.kv_segment_ids, causal=causal,
+                         window=window)  # fmt: skip
+
+
 def _check_index_array(name: str, x, shape: tuple[int, ...]) -> None:
     if x is None:
         return
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise ValueError(f"{name} must be an integer array of shape {shape}, got {type(x).__name__}")
-    if tuple(x.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} ([B, length]), got {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise ValueError(f"{name} must have an integer dtype (int32), got {x.dtype}")
+    checks.require(hasattr(x, "shape") and hasattr(x, "dtype"),
+                   f"{name} must be an integer array of shape {shape}, got {type(x).__name__}")  # fmt: skip
+    checks.require(tuple(x.shape) == shape, f"{name} must have shape {shape} ([B, length]), got {tuple(x.shape)}")
+    checks.require(jnp.issubdtype(x.dtype, jnp.integer), f"{name} must have an integer dtype (int32), got {x.dtype}")
 
 
 def check_attention_inputs(
@@ -96,43 +113,41 @@ def check_attention_inputs(
     kv_segment_ids=None,
     window=None,
     scale=None,
-) -> tuple[Int[Array, "B L"], Int[Array, "B S"], Int[Array, "B L"], Int[Array, "B S"], float]:
+) -> AttentionInputs:
     """Validate the common attention arguments (ValueError naming the argument) and fill the defaults.
 
-    Returns ``(q_positions, kv_positions, q_segment_ids, kv_segment_ids, scale)`` as int32 arrays and a float.
+    The one checked-inputs path of every attention entry point. Returns ``AttentionInputs(q_positions,
+    kv_positions, q_segment_ids, kv_segment_ids, scale)``: int32 arrays and a float.
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise ValueError(f"{name} must be an array, got {type(x).__name__}")
-        if x.ndim != 4:
-            layout = "[B, L, H, P]" if name == "q" else "[B, S, K, P]"
-            raise ValueError(f"{name} must have rank 4 {layout}, got shape {tuple(x.shape)}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+        checks.require(hasattr(x, "shape") and hasattr(x, "dtype"), f"{name} must be an array, got {type(x).__name__}")
+        layout = "[B, L, H, P]" if name == "q" else "[B, S, K, P]"
+        checks.require(x.ndim == 4, f"{name} must have rank 4 {layout}, got shape {tuple(x.shape)}")
+        checks.require(jnp.issubdtype(x.dtype, jnp.floating), f"{name} must have a floating dtype, got {x.dtype}")
     B, L, H, P = q.shape
     _, S, K, _ = k.shape
-    if k.shape[0] != B:
-        raise ValueError(f"k batch size {k.shape[0]} must equal q batch size {B}")
-    if k.shape[3] != P:
-        raise ValueError(f"k head dim {k.shape[3]} must equal q head dim {P}")
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)} (same head dim), got {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
-    if L < 1 or S < 1 or H < 1 or K < 1 or P < 1:
-        raise ValueError(f"q and k must have non-empty dimensions, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if H % K:
-        raise ValueError(f"q heads H={H} must be a multiple of k/v heads K={K} (GQA/MQA)")
+    checks.require(k.shape[0] == B, f"k batch size {k.shape[0]} must equal q batch size {B}")
+    checks.require(k.shape[3] == P, f"k head dim {k.shape[3]} must equal q head dim {P}")
+    checks.require(tuple(v.shape) == tuple(k.shape),
+                   f"v must have the shape of k {tuple(k.shape)} (same head dim), got {tuple(v.shape)}")  # fmt: skip
+    checks.require(k.dtype == q.dtype and v.dtype == q.dtype,
+                   f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")  # fmt: skip
+    checks.require(min(L, S, H, K, P) >= 1,
+                   f"q and k must have non-empty dimensions, got q {tuple(q.shape)}, k {tuple(k.shape)}")  # fmt: skip
+    checks.require(H % K == 0, f"q heads H={H} must be a multiple of k/v heads K={K} (GQA/MQA)")
     _check_index_array("q_positions", q_positions, (B, L))
     _check_index_array("kv_positions", kv_positions, (B, S))
     _check_index_array("q_segment_ids", q_segment_ids, (B, L))
     _check_index_array("kv_segment_ids", kv_segment_ids, (B, S))
-    if window is not None and (isinstance(window, bool) or not isinstance(window, numbers.Integral) or window <= 0):
-        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if window is not None:
+        checks.require_int("window", window)
+        checks.require(window >= 1, f"window must be a positive int or None, got {window!r}")
     if scale is None:
         scale = 1.0 / float(np.sqrt(P))
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not np.isfinite(scale):
-        raise ValueError(f"scale must be a finite Python float or None, got {scale!r}")
+    else:
+        checks.require(not isinstance(scale, float) or math.isfinite(scale),
+                       f"scale must be a finite Python float or None, got {scale!r}")  # fmt: skip
+        scale = checks.require_float("scale", scale)
 
     def filled(x, length):
         if x is None:
@@ -142,10 +157,7 @@ def check_attention_inputs(
     def zeros_if_none(x, length):
         return jnp.zeros((B, length), jnp.int32) if x is None else x.astype(jnp.int32)
 
-    return (
-        filled(q_positions, L),
-        filled(kv_positions, S),
-        zeros_if_none(q_segment_ids, L),
-        zeros_if_none(kv_segment_ids, S),
-        float(scale),
-    )
+    return AttentionInputs(
+        filled(q_positions, L), filled(kv_positions, S), zeros_if_none(q_segment_ids, L),
+        zeros_if_none(kv_segment_ids, S), scale,
+    )  # fmt: skip

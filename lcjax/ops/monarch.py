@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax import checks
 from lcjax.typing import Array, Int, Shaped
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -50,14 +51,12 @@ class Impl(enum.StrEnum):
 
 
 def _check_factors(w1, w2) -> tuple[int, int, int, int, int, int]:
-    if w1.ndim != 3 or w2.ndim != 3:
-        raise ValueError(f"monarch: w1 and w2 must be rank 3 (blocks, out, in); got shapes {w1.shape}, {w2.shape}")
+    checks.require(w1.ndim == 3 and w2.ndim == 3,
+                   f"monarch: w1 and w2 must be rank 3 (blocks, out, in); got shapes {w1.shape}, {w2.shape}")
     k, q, p = w1.shape
     l, s, r = w2.shape
-    if l * r != k * q:
-        raise ValueError(
-            f"monarch: w2 of shape (l, s, r)={w2.shape} needs l·r = k·q = {k * q} (w1 shape (k, q, p)={w1.shape})"
-        )
+    checks.require(l * r == k * q, f"monarch: w2 of shape (l, s, r)={w2.shape} needs l·r = k·q = {k * q} "
+                   f"(w1 shape (k, q, p)={w1.shape})")  # fmt: skip
     return k, q, p, l, s, r
 
 
@@ -71,11 +70,9 @@ def monarch_matmul(
     ``impl="dense"`` multiplies by ``monarch_to_dense(w1, w2)`` (the reference the tests compare to).
     """
     k, q, p, l, s, r = _check_factors(w1, w2)
-    if x.shape[-1] != k * p:
-        raise ValueError(f"monarch_matmul: x has {x.shape[-1]} features on its last axis; w1 {w1.shape} needs "
-                         f"k·p={k * p}")  # fmt: skip
-    if impl not in tuple(Impl):
-        raise ValueError(f"monarch_matmul: impl={impl!r}; allowed: {tuple(i.value for i in Impl)}")
+    checks.require(x.ndim >= 1 and x.shape[-1] == k * p, f"monarch_matmul: x has shape {x.shape}; its last axis must "
+                   f"have k·p={k * p} features for w1 {w1.shape}")  # fmt: skip
+    impl = checks.require_choice("monarch_matmul: impl", impl, tuple(i.value for i in Impl))
     if Impl(impl) == Impl.DENSE:
         return jnp.einsum("...i,oi->...o", x, monarch_to_dense(w1, w2), precision=precision)
     batch = x.shape[:-1]
@@ -109,11 +106,12 @@ def monarch_project(m: Shaped[ArrayIn, "m n"], *, k: int, l: int
     matrix) is rank 1 and owns its own factor entries. The best approximation is therefore the top singular pair of each
     sub-block; the projection is exact for Monarch inputs and optimal otherwise.
     """
-    if m.ndim != 2:
-        raise ValueError(f"monarch_project: m must be a matrix, got shape {m.shape}")
+    checks.require(m.ndim == 2, f"monarch_project: m must be a matrix, got shape {m.shape}")
     rows, cols = m.shape
-    if k < 1 or l < 1 or cols % k or rows % l:
-        raise ValueError(f"monarch_project: need k | {cols} (columns) and l | {rows} (rows); got k={k}, l={l}")
+    k = checks.require_int("monarch_project: k", k, min=1)
+    l = checks.require_int("monarch_project: l", l, min=1)
+    checks.require(cols % k == 0 and rows % l == 0,
+                   f"monarch_project: need k | {cols} (columns) and l | {rows} (rows); got k={k}, l={l}")  # fmt: skip
     s, p = rows // l, cols // k
     blocks = m.reshape(s, l, k, p).transpose(1, 2, 0, 3)  # (l, k, s, p); rows are (si, li), columns (ki, pi)
     u, sv, vh = jnp.linalg.svd(blocks, full_matrices=False)
@@ -130,12 +128,10 @@ def default_b1(n: int) -> int:
 
 
 def _check_n_b1(n: int, b1: int | None, who: str) -> tuple[int, int]:
-    if n < 1:
-        raise ValueError(f"{who}: the transform length n={n} must be >= 1")
-    b1 = default_b1(n) if b1 is None else b1
-    if not isinstance(b1, int | np.integer) or b1 < 1 or n % b1:
-        raise ValueError(f"{who}: b1={b1!r} must be a positive divisor of n={n}")
-    return int(b1), n // int(b1)
+    n = checks.require_int(f"{who}: the transform length n", n, min=1)
+    b1 = default_b1(n) if b1 is None else checks.require_int(f"{who}: b1", b1, min=1)
+    checks.require(n % b1 == 0, f"{who}: b1={b1!r} must be a positive divisor of n={n}")
+    return b1, n // b1
 
 
 @functools.lru_cache(maxsize=64)

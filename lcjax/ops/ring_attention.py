@@ -36,14 +36,15 @@ P head dim.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lcjax.checks import validated_by
 from lcjax.ops import masks
+from lcjax.ops._common import AxisName, axis_size, check_axis_name, check_context_attention, send_to_next
 # The tile kernels of the blockwise flash attention (one (q tile, kv tile) online-softmax update, one tile's
 # gradients, the tile mask and the tiling helpers) are shared; the loops around them are ring specific.
 from lcjax.ops.attention_blockwise import (
@@ -51,10 +52,9 @@ from lcjax.ops.attention_blockwise import (
 )  # fmt: skip
 from lcjax.typing import Array, Float, Int
 
-__all__ = ["ring_attention", "default_block", "check_axis_name", "check_cp_inputs", "validated"]
+__all__ = ["ring_attention", "default_block", "tile_sizes"]
 
 _F32 = jnp.float32
-AxisName = str | tuple[str, ...] | None
 
 
 def default_block(length: int, cap: int = DEFAULT_BLOCK) -> int:
@@ -71,51 +71,16 @@ def default_block(length: int, cap: int = DEFAULT_BLOCK) -> int:
     return best if best == half or best >= cap // 4 else min(cap, length)
 
 
-def check_axis_name(axis_name) -> None:
-    ok = axis_name is None or isinstance(axis_name, str) or (
-        isinstance(axis_name, tuple) and axis_name and all(isinstance(a, str) for a in axis_name))
-    if not ok:
-        raise ValueError(f"axis_name must be a mesh axis name, a non-empty tuple of names, or None; got {axis_name!r}")
+def tile_sizes(L: int, S: int, block_q: int | None, block_kv: int | None) -> tuple[int, int]:
+    """Tile lengths for local query / key lengths L, S: the given ones (capped at the length) or ``default_block``."""
+    bq = default_block(L) if block_q is None else min(block_q, L)
+    bk = default_block(S) if block_kv is None else min(block_kv, S)
+    return bq, bk
 
 
-def check_cp_inputs(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_ids, window, scale,
-                    block_q, block_kv):
-    """Shared validation of ``ring_attention`` / ``allgather_attention`` (ValueError naming the argument).
-
-    Returns ``(q_segment_ids, kv_segment_ids, scale, block_q, block_kv)`` with defaults filled (segment ids: zeros,
-    or None when neither is given).
-    """
-    for name, x in (("q_positions", q_positions), ("kv_positions", kv_positions)):
-        if x is None:
-            raise ValueError(f"{name} is required (int32 [B, local length]): context-parallel masks come from "
-                             "positions, never from the device index")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
-    _, _, qs, ks, scale = masks.check_attention_inputs(
-        q, k, v, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, window=window, scale=scale)
-    for name, b in (("block_q", block_q), ("block_kv", block_kv)):
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b <= 0):
-            raise ValueError(f"{name} must be a positive int or None, got {b!r}")
-    bq = default_block(q.shape[1]) if block_q is None else min(block_q, q.shape[1])
-    bk = default_block(k.shape[1]) if block_kv is None else min(block_kv, k.shape[1])
-    if q_segment_ids is None:
-        qs = ks = None
-    return qs, ks, scale, bq, bk
-
-
-def validated(f):
-    """Run the argument checks (ValueError) before ``f`` and its runtime type check, for ``f(q, k, v, **kw)``."""
-
-    @functools.wraps(f)
-    def wrapper(q, k, v, **kw):
-        check_axis_name(kw.get("axis_name"))
-        check_cp_inputs(q, k, v, **{name: kw.get(name) for name in (
-            "q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids", "window", "scale", "block_q",
-            "block_kv")})  # fmt: skip
-        return f(q, k, v, **kw)
-
-    return wrapper
+def _check_call(q, k, v, *, axis_name=None, **kw) -> None:
+    check_axis_name("ring_attention", axis_name)
+    check_context_attention(q, k, v, **kw)
 
 
 # ---- tiled layout shared by the forward and backward ring ----------------------------------------------------------
@@ -148,20 +113,10 @@ def _kv_tiles(t: _Tiling, k, v, kp, ks):
     return kv if ks is None else kv + (_tiles(ks, t.bk, edge=True),)
 
 
-def _shift(tree, axis_name, n):
-    """Every device sends its arrays to the next device on the ring (device r receives from r - 1)."""
-    perm = [(i, (i + 1) % n) for i in range(n)]
-    return jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), tree)
-
-
-def _ring_size(axis_name) -> int:
-    return 1 if axis_name is None else lax.axis_size(axis_name)
-
-
 # ---- forward ---------------------------------------------------------------------------------------------------------
 def _ring_fwd_impl(q, k, v, qp, kp, qs, ks, axis_name, causal, window, scale, bq, bk):
     t = _tiling(q, k, bq, bk)
-    n = _ring_size(axis_name)
+    n = axis_size(axis_name)
     ring_seg = qs is not None  # without segment ids every token is in segment 0: nothing to send
     qs_ = qs if ring_seg else jnp.zeros(qp.shape, jnp.int32)
     q_t = _tiles(q.reshape(t.B, t.L, t.K, t.R, t.P), bq)
@@ -192,7 +147,7 @@ def _ring_fwd_impl(q, k, v, qp, kp, qs, ks, axis_name, causal, window, scale, bq
 
     def body(carry, _):
         state, kv = carry
-        kv_next = _shift(kv, axis_name, n)  # issued first so the transfer can overlap this hop's compute
+        kv_next = send_to_next(kv, axis_name)  # issued first so the transfer can overlap this hop's compute
         return (hop(state, kv), kv_next), None
 
     rows = (t.nq, t.B, t.K, t.R, bq)
@@ -220,7 +175,7 @@ def _ring_bwd(axis_name, causal, window, scale, bq, bk, residuals, cotangents):
     q, k, v, qp, kp, qs, ks, out, lse = residuals
     dout, dlse = cotangents
     t = _tiling(q, k, bq, bk)
-    n = _ring_size(axis_name)
+    n = axis_size(axis_name)
     ring_seg = qs is not None
     qs_ = qs if ring_seg else jnp.zeros(qp.shape, jnp.int32)
     delta = jnp.sum(dout.astype(_F32) * out.astype(_F32), axis=-1) - dlse.astype(_F32)
@@ -265,9 +220,9 @@ def _ring_bwd(axis_name, causal, window, scale, bq, bk, residuals, cotangents):
 
     def body(carry, _):
         dq, kv, dkv = carry
-        kv_next = _shift(kv, axis_name, n)  # K/V for the next hop: independent of this hop's compute
+        kv_next = send_to_next(kv, axis_name)  # K/V for the next hop: independent of this hop's compute
         dq, dk, dv = hop((dq, *dkv), kv)
-        return (dq, kv_next, _shift((dk, dv), axis_name, n)), None  # the accumulators follow their block
+        return (dq, kv_next, send_to_next((dk, dv), axis_name)), None  # the accumulators follow their block
 
     kv = _kv_tiles(t, k, v, kp, ks)
     dq = jnp.zeros((t.nq, t.B, bq, t.K, t.R, t.P), _F32)
@@ -276,7 +231,7 @@ def _ring_bwd(axis_name, causal, window, scale, bq, bk, residuals, cotangents):
         (dq, kv, dkv), _ = lax.scan(body, (dq, kv, dkv), None, length=n - 1)
     dq, dk, dv = hop((dq, *dkv), kv)
     if n > 1:  # the last block's accumulators go home: block j now sits on device j - 1
-        dk, dv = _shift((dk, dv), axis_name, n)
+        dk, dv = send_to_next((dk, dv), axis_name)
     dq = _untile(dq, t.L).reshape(q.shape)
     dk, dv = _untile(dk, t.S), _untile(dv, t.S)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
@@ -286,7 +241,7 @@ _ring = jax.custom_vjp(_ring_fwd_impl, nondiff_argnums=(7, 8, 9, 10, 11, 12))
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-@validated
+@validated_by(_check_call)
 def ring_attention(
     q: Float[Array, "B L H P"],
     k: Float[Array, "B S K P"],
@@ -313,9 +268,10 @@ def ring_attention(
     ``block_kv`` (tile sizes of the per-hop kernel) default to ``default_block``. Gradient memory is O(L/n) per
     device: only q, k, v, out and lse are saved, and the backward pass re-rings K/V.
     """
-    qs, ks, scale, bq, bk = check_cp_inputs(
+    qs, ks, scale = check_context_attention(
         q, k, v, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, window=window, scale=scale, block_q=block_q, block_kv=block_kv)
+        kv_segment_ids=kv_segment_ids, window=window, scale=scale)
+    bq, bk = tile_sizes(q.shape[1], k.shape[1], block_q, block_kv)
     qp, kp = q_positions.astype(jnp.int32), kv_positions.astype(jnp.int32)
     out, lse = _ring(q, k, v, qp, kp, qs, ks, axis_name, bool(causal), None if window is None else int(window),
                      scale, bq, bk)

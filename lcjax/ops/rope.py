@@ -16,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcjax import checks
+from lcjax.ops import segments
 from lcjax.typing import Array, Float, Int
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -37,20 +38,23 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192  # llama3
 
     def __post_init__(self):
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"RopeConfig.rope_type={self.rope_type!r}; allowed: {ROPE_TYPES}")
-        if not self.theta > 0:
-            raise ValueError(f"RopeConfig.theta={self.theta} must be > 0")
-        if not self.factor >= 1.0 and self.rope_type != "default":
-            raise ValueError(f"RopeConfig.factor={self.factor} must be >= 1")
-        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
-            raise ValueError("RopeConfig.high_freq_factor must be > low_freq_factor for rope_type='llama3'")
+        checks.require_choice("RopeConfig.rope_type", self.rope_type, ROPE_TYPES)
+        checks.require_float("RopeConfig.theta", self.theta, min=0, min_open=True)
+        checks.require_float("RopeConfig.factor", self.factor, min=None if self.rope_type == "default" else 1.0)
+        checks.require_float("RopeConfig.low_freq_factor", self.low_freq_factor, min=0, min_open=True)
+        checks.require_float("RopeConfig.high_freq_factor", self.high_freq_factor, min=0, min_open=True)
+        checks.require_int("RopeConfig.original_max_position_embeddings", self.original_max_position_embeddings, min=1)
+        checks.require(
+            self.rope_type != "llama3" or self.high_freq_factor > self.low_freq_factor,
+            f"RopeConfig.high_freq_factor={self.high_freq_factor} must be > low_freq_factor={self.low_freq_factor} "
+            "for rope_type='llama3'",
+        )
 
 
 def rope_frequencies(head_dim: int, cfg: RopeConfig) -> tuple[np.ndarray, float]:
     """``(inv_freq[head_dim // 2], attention_scaling)`` as float32 numpy (static, computed once)."""
-    if head_dim % 2:
-        raise ValueError(f"rope: head_dim={head_dim} must be even")
+    checks.require_int("rope_frequencies: head_dim", head_dim, min=2)
+    checks.require(head_dim % 2 == 0, f"rope_frequencies: head_dim={head_dim} must be even")
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
     inv_freq = (1.0 / (cfg.theta**exponent)).astype(np.float32)
     if cfg.rope_type == "linear":
@@ -101,11 +105,5 @@ def rope_config_from_hf(rope_parameters: dict | None, default_theta: float = 10_
 
 
 def positions_from_segments(segment_ids_BL: Int[Array, "B L"]) -> Int[Array, "B L"]:
-    """Positions that restart at 0 at every segment boundary (packed documents)."""
-    L = segment_ids_BL.shape[1]
-    idx_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), segment_ids_BL.shape)
-    is_start_BL = jnp.concatenate(
-        [jnp.ones_like(segment_ids_BL[:, :1], bool), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1
-    )
-    start_BL = jax.lax.cummax(jnp.where(is_start_BL, idx_BL, 0), axis=1)
-    return idx_BL - start_BL
+    """Positions that restart at 0 at every change of segment id (packed documents; ``lcjax.ops.segments``)."""
+    return segments.run_offsets(segment_ids_BL)

@@ -17,15 +17,21 @@ Implementations (``Impl``):
   stable segment sum); between chunks it is a ``lax.scan`` of the affine map S_k = a_k·S_{k-1} + s_k, so nothing is
   quadratic in L or in the number of chunks. All decays, cumulative sums and states are in float32 (float64 for
   float64 inputs); matmul operands keep the input dtype with float32 accumulation.
-* ``context_parallel``: the sequence sharded over a mesh axis (``lcjax/ops/ssd_context_parallel.py``, called inside
-  ``jax.shard_map`` with ``axis_name``). Per sequence shard it needs the output and final state from a zero state
-  (``ssd_chunked``) and how the shard responds to its entering state, which is affine (without state clipping):
-  ``initial_state_decay`` returns the per-token decay d_t with y(S0) = y(0) + d_t · (C_t · S0) and the total decay
-  a with final(S0) = a·S0 + final(0).
+* ``context_parallel``: the sequence sharded over a mesh axis (call inside ``jax.shard_map`` with ``axis_name``;
+  ``lcjax/ops/ssd_context_parallel.py`` does that for global arrays). Paper §8.2, cross-checked with
+  recurrentgemma's ``multi_shard_correction`` (google-deepmind/recurrentgemma ``recurrentgemma/jax/pallas.py``) and
+  state-spaces/mamba PR #664; written from the math. The SSD of one shard is affine in the state S_in entering it
+  (without state clipping; ``initial_state_decay``): y_t(S_in) = y_t(0) + d_t·(C_t·S_in) and final(S_in) =
+  a·S_in + final(0), d_t = exp(Σ_{s<=t} Δ_s A) (0 after a document boundary), a = d_last. So every shard runs the
+  chunked SSD from a zero state, the (final(0), a) pairs are ``all_gather``-ed (O(B·H·P·N), independent of L), and
+  every shard folds S_in_0 = S0, S_in_r = a_{r-1}·g_{r-1}·S_in_{r-1} + final_{r-1}(0) (g_r = 0 when shard r starts
+  a new document) and adds its correction. Gradients flow through the gather (its transpose reduce-scatters them).
 
-Packed sequences: ``seq_idx_BL`` gives each token a document id; a new document starts wherever the id changes
-from one position to the next. Every document then behaves exactly as if run alone from a zero state; the initial
-state feeds only the first document, and the returned final state is the state of the last document.
+Packed sequences: ``seq_idx_BL`` holds lcjax segment ids (int, one per token; a document is a run of equal ids, 0
+is padding). For Mamba-2 a document starts wherever the id changes from one position to the next, so a padding run
+is a run of its own and no state crosses it (also between the last token of one shard and the first of the next).
+Every document behaves exactly as if run alone from a zero state; the initial state feeds only the first run, and
+the returned final state is the state of the last run.
 
 Long-context options (off when None): ``decay_scale_H`` multiplies every per-token decay by λ_h ("Stuffed Mamba",
 arXiv 2410.07145, ``da_mult``), ``max_state_norm_H`` rescales each head's state to Frobenius norm ≤ τ_h after
@@ -39,14 +45,19 @@ Dimension key (lcjax/typing.py): B batch, L length, H heads, P head dim, G group
 from __future__ import annotations
 
 import enum
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lcjax.checks import require, require_choice, require_float, require_int, validated_by
+from lcjax.ops._common import (
+    AxisName, acc_dtype, axis_index, axis_size, check_axis_name, gather_shards, require_float_array, require_ids,
+    require_optional_vector, require_shape, run_index,
+)  # fmt: skip
 from lcjax.typing import Array, Bool, Float, Int
 
 
@@ -58,87 +69,57 @@ class Impl(str, enum.Enum):
     CONTEXT_PARALLEL = "context_parallel"  # sequence sharded over ``axis_name`` (inside shard_map): state passing
 
 
-# ---- validation -------------------------------------------------------------------------------------------------
-def _validated_by(check: Callable) -> Callable:
-    """Run ``check(*args, **kwargs)`` before the (runtime type-checked) function, so bad inputs raise ValueError."""
+class SSDInputs(NamedTuple):
+    """The arguments of one SSD call, as ``ssd`` takes them (see there); the implementations take this tuple.
 
-    def decorate(f):
-        @functools.wraps(f)
-        def wrapper(*args, **kwargs):
-            check(*args, **kwargs)
-            return f(*args, **kwargs)
+    ``lcjax.ops.ssd_context_parallel.ssd_sharded`` takes it too, to run ``ssd`` per shard of global arrays.
+    """
 
-        return wrapper
+    x_BLHP: Float[Array, "B L H P"]
+    dt_BLH: Float[Array, "B L H"]
+    A_H: Float[Array, " H"]
+    B_BLGN: Float[Array, "B L G N"]
+    C_BLGN: Float[Array, "B L G N"]
+    chunk_size: int
+    D_H: Float[Array, " H"] | None = None
+    initial_state_BHPN: Float[Array, "B H P N"] | None = None
+    seq_idx_BL: Int[Array, "B L"] | None = None
+    decay_scale_H: Float[Array, " H"] | None = None
+    max_state_norm_H: Float[Array, " H"] | None = None
 
-    return decorate
+    def check(self, impl=Impl.CHUNKED, axis_name=None) -> Impl:
+        """ValueError naming the first bad argument (TypeError for a non-int ``chunk_size``); returns ``Impl(impl)``.
 
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
-def _check_float(name: str, a, rank: int) -> None:
-    _require(hasattr(a, "shape") and hasattr(a, "dtype"), f"{name}: expected an array, got {type(a).__name__}")
-    _require(a.ndim == rank, f"{name}: expected rank {rank}, got shape {tuple(a.shape)}")
-    _require(jnp.issubdtype(a.dtype, jnp.floating), f"{name}: expected a floating dtype, got {a.dtype}")
-
-
-def _check_optional_head_vector(name: str, a, H: int) -> None:
-    if a is not None:
-        _check_float(name, a, 1)
-        _require(a.shape == (H,), f"{name}: expected shape (H,) = ({H},), got {tuple(a.shape)}")
-
-
-def _check_ssd_args(
-    x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, *, chunk_size, D_H=None, initial_state_BHPN=None, seq_idx_BL=None,
-    decay_scale_H=None, max_state_norm_H=None, impl=Impl.CHUNKED, axis_name=None,
-) -> None:  # fmt: skip
-    for name, a, rank in (("x_BLHP", x_BLHP, 4), ("dt_BLH", dt_BLH, 3), ("A_H", A_H, 1), ("B_BLGN", B_BLGN, 4),
-                          ("C_BLGN", C_BLGN, 4)):  # fmt: skip
-        _check_float(name, a, rank)
-    Bsz, L, H, P = x_BLHP.shape
-    G, N = B_BLGN.shape[2:]
-    _require(L >= 1, f"x_BLHP: length L must be >= 1, got shape {tuple(x_BLHP.shape)}")
-    _require(dt_BLH.shape == (Bsz, L, H), f"dt_BLH: expected shape (B, L, H) = {(Bsz, L, H)}, got {dt_BLH.shape}")
-    _require(A_H.shape == (H,), f"A_H: expected shape (H,) = ({H},), got {tuple(A_H.shape)}")
-    _require(B_BLGN.shape[:2] == (Bsz, L), f"B_BLGN: expected shape (B, L, G, N) with (B, L) = {(Bsz, L)}, got "
-                                           f"{tuple(B_BLGN.shape)}")  # fmt: skip
-    _require(C_BLGN.shape == B_BLGN.shape, f"C_BLGN: expected the shape of B_BLGN {tuple(B_BLGN.shape)}, got "
-                                           f"{tuple(C_BLGN.shape)}")  # fmt: skip
-    _require(G >= 1 and H % G == 0, f"B_BLGN: groups G={G} must divide heads H={H}")
-    _require(isinstance(chunk_size, int | np.integer) and not isinstance(chunk_size, bool) and chunk_size > 0,
-             f"chunk_size: expected a positive int, got {chunk_size!r}")  # fmt: skip
-    _check_optional_head_vector("D_H", D_H, H)
-    _check_optional_head_vector("decay_scale_H", decay_scale_H, H)
-    _check_optional_head_vector("max_state_norm_H", max_state_norm_H, H)
-    if initial_state_BHPN is not None:
-        _check_float("initial_state_BHPN", initial_state_BHPN, 4)
-        _require(initial_state_BHPN.shape == (Bsz, H, P, N), f"initial_state_BHPN: expected shape (B, H, P, N) = "
-                                                             f"{(Bsz, H, P, N)}, got {initial_state_BHPN.shape}")
-    if seq_idx_BL is not None:
-        _require(hasattr(seq_idx_BL, "dtype") and jnp.issubdtype(seq_idx_BL.dtype, jnp.integer),
-                 f"seq_idx_BL: expected an integer array, got {getattr(seq_idx_BL, 'dtype', type(seq_idx_BL))}")
-        _require(seq_idx_BL.shape == (Bsz, L), f"seq_idx_BL: expected shape (B, L) = {(Bsz, L)}, got "
-                                               f"{tuple(seq_idx_BL.shape)}")  # fmt: skip
-    try:
-        impl = Impl(impl)
-    except ValueError:
-        raise ValueError(f"impl: unknown SSD implementation {impl!r}; allowed: {[i.value for i in Impl]}") from None
-    _require(axis_name is None or impl is Impl.CONTEXT_PARALLEL,
-             f"axis_name={axis_name!r}: only impl='context_parallel' takes a mesh axis, got impl={impl.value!r}")
-
-
-def _acc_dtype(dtype) -> jnp.dtype:
-    """Accumulation dtype: float32, or float64 for float64 inputs."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def segment_ids(seq_idx_BL: Int[Array, "B L"]) -> Int[Array, "B L"]:
-    """0, 1, 2, ...: increases by one wherever ``seq_idx`` changes between neighbouring positions."""
-    change_BL = seq_idx_BL[:, 1:] != seq_idx_BL[:, :-1]
-    first_B1 = jnp.zeros_like(seq_idx_BL[:, :1], dtype=jnp.int32)  # keeps seq_idx's sharding (Explicit meshes)
-    return jnp.concatenate([first_B1, jnp.cumsum(change_BL, axis=1, dtype=jnp.int32)], axis=1)
+        ``impl`` and ``axis_name`` (the values checked) are left unannotated, so the runtime type check leaves them
+        to these messages.
+        """
+        x, dt, A, B, C = self[:5]
+        for name, a, rank in (("x_BLHP", x, 4), ("dt_BLH", dt, 3), ("A_H", A, 1), ("B_BLGN", B, 4), ("C_BLGN", C, 4)):
+            require_float_array(name, a, rank=rank)
+        Bsz, L, H, P = x.shape
+        G, N = B.shape[2:]
+        require(L >= 1, f"x_BLHP: length L must be >= 1, got shape {tuple(x.shape)}")
+        require_shape("dt_BLH", dt, (Bsz, L, H), "(B, L, H)")
+        require_shape("A_H", A, (H,), "(H,)")
+        require(B.shape[:2] == (Bsz, L), f"B_BLGN: expected shape (B, L, G, N) with (B, L) = {(Bsz, L)}, got "
+                                         f"{tuple(B.shape)}")  # fmt: skip
+        require_shape("C_BLGN", C, B.shape, "that of B_BLGN")
+        require(G >= 1 and H % G == 0, f"B_BLGN: groups G={G} must divide heads H={H}")
+        require_int("chunk_size", self.chunk_size, min=1)
+        for name in ("D_H", "decay_scale_H", "max_state_norm_H"):
+            require_optional_vector(name, getattr(self, name), H)
+        if self.initial_state_BHPN is not None:
+            require_float_array("initial_state_BHPN", self.initial_state_BHPN, rank=4)
+            require_shape("initial_state_BHPN", self.initial_state_BHPN, (Bsz, H, P, N), "(B, H, P, N)")
+        require_ids("seq_idx_BL", self.seq_idx_BL, (Bsz, L))
+        impl = Impl(require_choice("impl", impl, [i.value for i in Impl]))
+        check_axis_name("ssd", axis_name)
+        require(axis_name is None or impl is Impl.CONTEXT_PARALLEL,
+                f"axis_name={axis_name!r}: only impl='context_parallel' takes a mesh axis, got impl={impl.value!r}")
+        require(impl is not Impl.CONTEXT_PARALLEL or self.max_state_norm_H is None,
+                "max_state_norm_H: state clipping is not affine in the entering state, so context-parallel SSD "
+                "cannot pass states across shards; use None")  # fmt: skip
+        return impl
 
 
 def _log_decay(dt_BLH, A_H, decay_scale_H, acc) -> Float[Array, "B L H"]:
@@ -177,7 +158,7 @@ def ssd_step(
     """
     Bsz, H, P = x_BHP.shape
     G, N = B_BGN.shape[1:]
-    acc = _acc_dtype(x_BHP.dtype)
+    acc = acc_dtype(x_BHP.dtype)
     a_BH = _log_decay(dt_BH[:, None, :], A_H, decay_scale_H, acc)[:, 0]
     x_BGRP = x_BHP.astype(acc).reshape(Bsz, G, H // G, P)
     dt_BGR = dt_BH.astype(acc).reshape(Bsz, G, H // G)
@@ -194,34 +175,22 @@ def ssd_step(
     return y_BHP.astype(x_BHP.dtype), state_BHPN
 
 
-@_validated_by(_check_ssd_args)
-def ssd_naive(
-    x_BLHP: Float[Array, "B L H P"],
-    dt_BLH: Float[Array, "B L H"],
-    A_H: Float[Array, " H"],
-    B_BLGN: Float[Array, "B L G N"],
-    C_BLGN: Float[Array, "B L G N"],
-    *,
-    chunk_size: int,
-    D_H: Float[Array, " H"] | None = None,
-    initial_state_BHPN: Float[Array, "B H P N"] | None = None,
-    seq_idx_BL: Int[Array, "B L"] | None = None,
-    decay_scale_H: Float[Array, " H"] | None = None,
-    max_state_norm_H: Float[Array, " H"] | None = None,
-) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
+def _naive(a: SSDInputs) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
     """Reference: ``lax.scan`` of ``ssd_step`` over time, resetting the state where a new document starts.
 
     ``chunk_size`` only matters for ``max_state_norm_H``: the state is clipped after positions t with
     (t + 1) % chunk_size == 0 and after the last position, as the chunked algorithm does at its chunk ends.
     """
+    x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D_H, initial_state_BHPN, seq_idx_BL, decay_scale_H, \
+        max_state_norm_H = a
     Bsz, L, H, P = x_BLHP.shape
     N = B_BLGN.shape[-1]
-    acc = _acc_dtype(x_BLHP.dtype)
+    acc = acc_dtype(x_BLHP.dtype)
     S0_BHPN = jnp.zeros((Bsz, H, P, N), acc) if initial_state_BHPN is None else initial_state_BHPN.astype(acc)
     if seq_idx_BL is None:
         reset_BL = jnp.zeros((Bsz, L), bool)
     else:
-        seg_BL = segment_ids(seq_idx_BL)
+        seg_BL = run_index(seq_idx_BL)
         reset_BL = jnp.concatenate([jnp.zeros((Bsz, 1), bool), seg_BL[:, 1:] != seg_BL[:, :-1]], axis=1)
     t_L = jnp.arange(L)
     clip_L = ((t_L + 1) % chunk_size == 0) | (t_L == L - 1)
@@ -274,21 +243,7 @@ def _segsum_decay(
     return jnp.where(keep, jnp.exp(segsum_BCHQS), 0.0)
 
 
-@_validated_by(_check_ssd_args)
-def ssd_chunked(
-    x_BLHP: Float[Array, "B L H P"],
-    dt_BLH: Float[Array, "B L H"],
-    A_H: Float[Array, " H"],
-    B_BLGN: Float[Array, "B L G N"],
-    C_BLGN: Float[Array, "B L G N"],
-    *,
-    chunk_size: int,
-    D_H: Float[Array, " H"] | None = None,
-    initial_state_BHPN: Float[Array, "B H P N"] | None = None,
-    seq_idx_BL: Int[Array, "B L"] | None = None,
-    decay_scale_H: Float[Array, " H"] | None = None,
-    max_state_norm_H: Float[Array, " H"] | None = None,
-) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
+def _chunked(a: SSDInputs) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
     """Chunked SSD (paper §6): intra-chunk dual form + a scan over chunk states. Any L (padded internally).
 
     The quadratic (dual) form runs on blocks of Q = ``BLOCK`` positions when ``chunk_size`` is a multiple of it
@@ -300,10 +255,12 @@ def ssd_chunked(
     over (batch, block, group, head) without transposes of the (Q, Q) matrices, and every decay is the exp of a
     same-sign sum.
     """
+    x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D_H, initial_state_BHPN, seq_idx_BL, decay_scale_H, \
+        max_state_norm_H = a
     Bsz, L, H, P = x_BLHP.shape
     G, N = B_BLGN.shape[2:]
     R = H // G
-    acc = _acc_dtype(x_BLHP.dtype)
+    acc = acc_dtype(x_BLHP.dtype)
     mm = x_BLHP.dtype if x_BLHP.dtype != jnp.float64 else acc  # matmul operand dtype
     Q = BLOCK if chunk_size % BLOCK == 0 else chunk_size
     Q = min(Q, L)
@@ -330,7 +287,7 @@ def ssd_chunked(
     if seq_idx_BL is None:
         seg_BCQ = same_seg_BCQS = None
     else:  # padding joins the last document
-        seg_BCQ = jnp.pad(segment_ids(seq_idx_BL), [(0, 0), (0, pad)], mode="edge").reshape(Bsz, nC, Q)
+        seg_BCQ = jnp.pad(run_index(seq_idx_BL), [(0, 0), (0, pad)], mode="edge").reshape(Bsz, nC, Q)
         same_seg_BCQS = seg_BCQ[:, :, :, None] == seg_BCQ[:, :, None, :]
         # Document of the state entering chunk k: that of the previous chunk's last token (chunk 0: document 0).
         prev_seg_BC = jnp.concatenate([jnp.zeros((Bsz, 1), jnp.int32), seg_BCQ[:, :-1, -1]], axis=1)
@@ -398,15 +355,57 @@ def initial_state_decay(
     and final(S0) = a · S0 + final(0), with d_t = exp(Σ_{s<=t} Δ_s A) for tokens of the first document (0 after a
     boundary) and a = d_{L-1}. This is the per-shard piece of context-parallel state passing (paper §8.2).
     """
-    acc = _acc_dtype(dt_BLH.dtype)
+    acc = acc_dtype(dt_BLH.dtype)
     d_BLH = jnp.exp(jnp.cumsum(_log_decay(dt_BLH, A_H, decay_scale_H, acc), axis=1))
     if seq_idx_BL is not None:
-        d_BLH = jnp.where((segment_ids(seq_idx_BL) == 0)[..., None], d_BLH, 0.0)
+        d_BLH = jnp.where((run_index(seq_idx_BL) == 0)[..., None], d_BLH, 0.0)
     return d_BLH, d_BLH[:, -1]
 
 
-# ---- dispatcher -------------------------------------------------------------------------------------------------
-@_validated_by(_check_ssd_args)
+def _context_parallel(a: SSDInputs, axis_name: AxisName) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
+    """State passing across the sequence shards on ``axis_name`` (paper §8.2; see the module docstring).
+
+    Every shard runs ``_chunked`` from a zero state, then the per-shard (final(0), total decay) pairs are gathered
+    (O(B·H·P·N), independent of L) and every shard folds them into the state that enters it and adds that state's
+    contribution d_t · (C_t · S_in). Returns the local outputs and the global final state (every device).
+    """
+    x_BLHP, dt_BLH, A_H, _, C_BLGN, _, _, S0_BHPN, seq_idx_BL, decay_scale_H, _ = a
+    Bsz, L, H, P = x_BLHP.shape
+    G, N = C_BLGN.shape[2:]
+    R = H // G
+    acc = acc_dtype(x_BLHP.dtype)
+    y0_BLHP, S_ext_BHPN = _chunked(a._replace(initial_state_BHPN=None))
+    d_BLH, a_BH = initial_state_decay(dt_BLH, A_H, seq_idx_BL=seq_idx_BL, decay_scale_H=decay_scale_H)
+
+    if seq_idx_BL is None:
+        g_rB = jnp.ones((axis_size(axis_name), Bsz), acc)
+    else:  # g_r = 1 iff shard r's first token continues the document of shard r-1's last token (shard 0: 1)
+        ends_rB2 = gather_shards(jnp.stack([seq_idx_BL[:, 0], seq_idx_BL[:, -1]], axis=-1), axis_name)
+        cont_rB = jnp.concatenate([jnp.ones_like(ends_rB2[:1, :, 0], bool),
+                                   ends_rB2[1:, :, 0] == ends_rB2[:-1, :, 1]], axis=0)  # fmt: skip
+        g_rB = cont_rB.astype(acc)
+    S_ext_rBHPN = gather_shards(S_ext_BHPN.astype(acc), axis_name)
+    a_rBH = gather_shards(a_BH.astype(acc), axis_name)
+    S0_BHPN = jnp.zeros((Bsz, H, P, N), acc) if S0_BHPN is None else S0_BHPN.astype(acc)
+
+    def fold(F_BHPN, inputs):  # F: true state after the previous shard; E: what actually enters this shard
+        S_ext, a_BH_, g_B = inputs
+        E_BHPN = g_B[:, None, None, None] * F_BHPN
+        return a_BH_[:, :, None, None] * E_BHPN + S_ext, E_BHPN
+
+    final_BHPN, E_rBHPN = lax.scan(fold, S0_BHPN, (S_ext_rBHPN, a_rBH, g_rB))
+    E_BGRPN = E_rBHPN[axis_index(axis_name)].reshape(Bsz, G, R, P, N)
+    corr_BLGRP = jnp.einsum("BLGN,BGRPN->BLGRP", C_BLGN.astype(acc), E_BGRPN)
+    y_BLHP = y0_BLHP.astype(acc) + corr_BLGRP.reshape(Bsz, L, H, P) * d_BLH[..., None]
+    return y_BLHP.astype(x_BLHP.dtype), final_BHPN
+
+
+# ---- the entry point ------------------------------------------------------------------------------------------
+def _check_call(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, *, impl=Impl.CHUNKED, axis_name=None, **options) -> None:
+    SSDInputs(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, **options).check(impl, axis_name)
+
+
+@validated_by(_check_call)
 def ssd(
     x_BLHP: Float[Array, "B L H P"],
     dt_BLH: Float[Array, "B L H"],
@@ -421,30 +420,27 @@ def ssd(
     decay_scale_H: Float[Array, " H"] | None = None,
     max_state_norm_H: Float[Array, " H"] | None = None,
     impl: Impl | str = Impl.CHUNKED,
-    axis_name: str | tuple[str, ...] | None = None,
+    axis_name: AxisName = None,
 ) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
     """The SSD mixer: (y_BLHP in x's dtype, final_state_BHPN in float32). See the module docstring.
 
     ``dt_BLH`` is the positive step Δ (softplus and dt_bias already applied), ``A_H`` negative. Heads share B and C
     within a group: group g serves heads [g·H/G, (g+1)·H/G). ``D_H`` adds the skip D_h·x_t. With ``seq_idx_BL``
-    the initial state feeds the first document only and the final state is the last document's.
+    (segment ids: every run of equal ids is a document) the initial state feeds the first document only and the
+    final state is the last document's.
 
-    ``impl="context_parallel"`` (call inside ``jax.shard_map``; the arrays are this device's sequence shard):
-    ``lcjax.ops.ssd_context_parallel.ssd_context_parallel`` over the mesh axis ``axis_name`` (chunked SSD per
-    shard, then state passing); the final state is the whole sequence's, on every device. It refuses
-    ``max_state_norm_H`` (clipping is not affine in the entering state). Only this impl takes ``axis_name``.
+    ``impl="context_parallel"`` (call inside ``jax.shard_map``; the arrays are this device's sequence shard): chunked
+    SSD per shard, then state passing over the mesh axis ``axis_name`` (None: one device); the final state is the
+    whole sequence's, on every device. It refuses ``max_state_norm_H`` (clipping is not affine in the entering
+    state). Only this impl takes ``axis_name``. On global arrays under a mesh use
+    ``lcjax.ops.ssd_context_parallel.ssd_sharded``.
     """
-    if Impl(impl) is Impl.CONTEXT_PARALLEL:
-        from lcjax.ops import ssd_context_parallel as cp  # late: that module builds on this one
-
-        return cp.ssd_context_parallel(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, axis_name=axis_name,
-                                       chunk_size=chunk_size, D_H=D_H, initial_state_BHPN=initial_state_BHPN,
-                                       seq_idx_BL=seq_idx_BL, decay_scale_H=decay_scale_H,
-                                       max_state_norm_H=max_state_norm_H)  # fmt: skip
-    fn = {Impl.NAIVE: ssd_naive, Impl.CHUNKED: ssd_chunked}[Impl(impl)]
-    return fn(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size=chunk_size, D_H=D_H,
-              initial_state_BHPN=initial_state_BHPN, seq_idx_BL=seq_idx_BL, decay_scale_H=decay_scale_H,
-              max_state_norm_H=max_state_norm_H)  # fmt: skip
+    a = SSDInputs(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size, D_H, initial_state_BHPN, seq_idx_BL, decay_scale_H,
+                  max_state_norm_H)  # fmt: skip
+    impl = Impl(impl)
+    if impl is Impl.CONTEXT_PARALLEL:
+        return _context_parallel(a, axis_name)
+    return _naive(a) if impl is Impl.NAIVE else _chunked(a)
 
 
 # ---- LongMamba token filtering ----------------------------------------------------------------------------------
@@ -473,10 +469,11 @@ def longmamba_calibrate(
     filtering, for T <= L). ``clamp_top`` first clamps Δ to its ``clamp_top`` upper quantile (the released
     calibration scripts use 0.15-0.20). Both statistics are averaged over the samples.
     """
-    if not target_lengths or any(not isinstance(t, int | np.integer) or t < 1 for t in target_lengths):
-        raise ValueError(f"target_lengths: expected positive ints, got {target_lengths!r}")
-    if clamp_top is not None and not 0.0 < clamp_top <= 1.0:
-        raise ValueError(f"clamp_top: expected a fraction in (0, 1], got {clamp_top!r}")
+    require(len(target_lengths) > 0, f"longmamba_calibrate: target_lengths must be non-empty, got {target_lengths!r}")
+    for t in target_lengths:
+        require_int("longmamba_calibrate: target_lengths[i]", t, min=1)
+    if clamp_top is not None:
+        require_float("longmamba_calibrate: clamp_top", clamp_top, min=0.0, min_open=True, max=1.0)
     Bsz, L, H = delta_BLH.shape
     delta_BHL = jnp.moveaxis(delta_BLH.astype(jnp.float32), 1, 2)
     if clamp_top is not None:
@@ -517,5 +514,5 @@ def nearest_length(lengths: Sequence[int], L: int) -> int:
     return int(min(range(len(lengths)), key=lambda i: abs(L - lengths[i])))
 
 
-__all__ = ["Impl", "ssd", "ssd_naive", "ssd_chunked", "ssd_step", "initial_state_decay",
-           "segment_ids", "longmamba_calibrate", "longmamba_filter", "nearest_length"]  # fmt: skip
+__all__ = ["Impl", "SSDInputs", "ssd", "ssd_step", "initial_state_decay", "longmamba_calibrate", "longmamba_filter",
+           "nearest_length"]  # fmt: skip

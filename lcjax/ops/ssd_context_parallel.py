@@ -1,150 +1,189 @@
-"""Sequence-parallel (context-parallel) Mamba-2: SSD state passing across sequence shards and the conv halo.
+"""Sequence-parallel (context-parallel) Mamba-2 on global arrays: the SSD, the causal conv and their layouts.
 
-"Transformers are SSMs", Dao & Gu 2024, https://arxiv.org/abs/2405.21060, §8.2 (sequence parallelism: each device
-computes its local outputs and final state, then the states are passed). Cross-checked with recurrentgemma's
-``multi_shard_correction`` idea (google-deepmind/recurrentgemma ``recurrentgemma/jax/pallas.py``) and the open
-state-spaces/mamba PR #664 (sequential state passing + conv halo); written from the math, not copied.
+The Mamba-2 counterpart of ``lcjax.ops.context_parallel.context_parallel_attention``: the layer calls these on
+global arrays, and they read the active mesh and rules through ``lcjax.sharding`` (the one module naming mesh
+axes) and run ``sharding.shard_map`` over batch (``act_batch``), heads (``act_heads``) and, when the sequence is
+sharded (``act_seq``), the sequence. "Transformers are SSMs", Dao & Gu 2024, https://arxiv.org/abs/2405.21060, §8.2;
+the per-shard math is ``lcjax.ops.ssd`` (``impl="context_parallel"``: state passing) and ``lcjax.ops.conv``.
 
-The SSD map of one shard is affine in the state that enters it (``lcjax.ops.ssd.initial_state_decay``):
+* ``sequence_axis``: whether one mixer call runs sequence-parallel (``"act_seq"``) or gathers the sequence (None).
+  Every device keeps its contiguous slice of the sequence when the mesh shards ``act_seq`` over n > 1 devices, n
+  divides L, every shard holds at least ``conv_width - 1`` tokens (the conv halo comes from one neighbour; decoding
+  steps therefore gather) and there is no state clipping (not affine in the entering state). Otherwise the
+  sequence is gathered: the result is the same, the memory is not, as the attention layer gathers keys/values.
+* ``ssd_sharded``: ``lcjax.ops.ssd.ssd`` per (batch, heads[, sequence]) shard, with the B/C groups laid out to
+  follow the heads (``groups_for_heads``); sequence-parallel it is one ``all_gather`` of O(B·H·P·N) floats,
+  independent of L.
+* ``causal_conv1d_context_parallel``: the conv per sequence shard with its ``conv_halo`` (the previous shard's last
+  W-1 inputs, one ``ppermute``, masked to the document the shard starts with); ``last_shard`` for the returned
+  history.
+* The per-token pieces whose form depends on the head layout: ``in_projection`` (one fused matmul unless the heads
+  are split) and ``gated_rmsnorm`` (group statistics that hold for any split of the heads).
 
-    y_t(S_in)  = y_t(0) + d_t · (C_t · S_in)          d_t = exp(Σ_{s<=t, s in shard} Δ_s A)   (0 after a boundary)
-    final(S_in) = a · S_in + final(0)                   a = d_{last}
+Recurrent state passes from device r-1 to device r, so batches must use the contiguous layout
+(``lcjax.ops.context_parallel.Layout``). Packed documents (``seq_idx``, lcjax segment ids): a change of id starts
+a document, including between the last token of shard r-1 and the first of shard r.
 
-so, with n shards on ``axis_name``: (1) every shard runs ``ssd_chunked`` from a zero state; (2) the per-shard
-(final(0), a) pairs, O(B·H·P·N) floats independent of L, are ``all_gather``-ed; (3) every shard folds the
-exclusive scan ``S_in_0 = S0``, ``S_in_r = a_{r-1}·g_{r-1}·S_in_{r-1} + final_{r-1}(0)`` (g_r = 0 when shard r
-starts a new document, so nothing flows into it) and (4) adds the correction ``d_t · (C_t · g_r·S_in_r)``. The
-global final state (the last shard's) is the full fold, identical on every device. Gradients flow through the
-gather and the fold by autodiff (the gather's transpose reduce-scatters them); nothing is O(L) per device.
-``lcjax.ops.ssd.ssd(..., impl="context_parallel", axis_name=...)`` dispatches here; ``lcjax.layers.mamba2``
-switches to it (and to the conv below) by itself when the mesh shards ``act_seq``.
-
-Packed sequences (``seq_idx``): a new document starts wherever the id changes, including between the last token of
-shard r-1 and the first of shard r (``g_r``, from the gathered first/last ids). State clipping
-(``max_state_norm_H``) is not affine, so it is refused here.
-
-The depthwise causal conv needs the last ``W - 1`` raw inputs of the previous shard: ``conv_halo`` passes them with
-one ``ppermute`` (device 0 gets the caller's history), masked to the document the shard starts with, and
-``causal_conv1d_context_parallel`` is the global-array version used by a layer.
-
-Dimension key (lcjax/typing.py): B batch, L (local) length, H heads, P head dim, G groups, N state, W conv width,
-E channels (any trailing shape), R heads per group.
+Dimension key (lcjax/typing.py): B batch, L length (local inside shard_map), H heads, P head dim, G groups, N state,
+W conv width, E channels (any trailing shape).
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lcjax import sharding
-from lcjax.ops import ssd as ssd_ops
+from lcjax.checks import require, require_bool, require_choice, require_int, validated_by
+from lcjax.ops._common import (
+    AxisName, axis_index, check_axis_name, context_axis_name, require_float_array, require_ids, require_shape,
+    send_to_next,
+)  # fmt: skip
 from lcjax.ops.conv import causal_conv1d
-from lcjax.ops.ring_attention import AxisName, check_axis_name
+from lcjax.ops.ssd import Impl, SSDInputs, ssd
 from lcjax.typing import Array, Float, Int
 
-__all__ = ["ssd_context_parallel", "conv_halo", "last_shard", "causal_conv1d_context_parallel"]
+__all__ = ["sequence_axis", "ssd_sharded", "groups_for_heads", "in_projection", "gated_rmsnorm", "conv_halo",
+           "last_shard", "causal_conv1d_context_parallel"]  # fmt: skip
+
+SEQ = "act_seq"
 
 
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
+def sequence_axis(length: int, *, conv_width: int, state_clipping: bool = False) -> str | None:
+    """``"act_seq"`` when a Mamba-2 mixer call of ``length`` tokens runs sequence-parallel, None when it gathers.
 
-
-def _check_ssd_cp(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, *, axis_name, chunk_size, D_H=None, initial_state_BHPN=None,
-                  seq_idx_BL=None, decay_scale_H=None, max_state_norm_H=None):  # fmt: skip
-    check_axis_name(axis_name)
-    _require(max_state_norm_H is None, "max_state_norm_H: state clipping is not affine in the entering state, so "
-                                       "context-parallel SSD cannot pass states across shards; use None")
-    ssd_ops._check_ssd_args(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size=chunk_size, D_H=D_H,
-                            initial_state_BHPN=initial_state_BHPN, seq_idx_BL=seq_idx_BL, decay_scale_H=decay_scale_H)
-
-
-def _ring_size(axis_name) -> int:
-    return 1 if axis_name is None else lax.axis_size(axis_name)
-
-
-def _ring_index(axis_name):
-    return jnp.zeros((), jnp.int32) if axis_name is None else lax.axis_index(axis_name)
-
-
-def _gather(x, axis_name):
-    """``[n, ...]``: x of every shard in device order (``[1, ...]`` on one device)."""
-    return x[None] if axis_name is None else lax.all_gather(x, axis_name)
-
-
-@ssd_ops._validated_by(_check_ssd_cp)
-def ssd_context_parallel(
-    x_BLHP: Float[Array, "B L H P"],
-    dt_BLH: Float[Array, "B L H"],
-    A_H: Float[Array, " H"],
-    B_BLGN: Float[Array, "B L G N"],
-    C_BLGN: Float[Array, "B L G N"],
-    *,
-    axis_name: AxisName,
-    chunk_size: int,
-    D_H: Float[Array, " H"] | None = None,
-    initial_state_BHPN: Float[Array, "B H P N"] | None = None,
-    seq_idx_BL: Int[Array, "B L"] | None = None,
-    decay_scale_H: Float[Array, " H"] | None = None,
-    max_state_norm_H: None = None,
-) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
-    """SSD of a sequence sharded over ``axis_name`` (call inside ``jax.shard_map``; arguments are local shards).
-
-    Same contract as ``lcjax.ops.ssd.ssd`` on the whole sequence: returns the local outputs (x's dtype) and the
-    global final state (float32, identical on every device; pass it out replicated over the sequence axes).
-    ``initial_state_BHPN`` is the state before the first token of shard 0 (replicated); ``seq_idx_BL`` the local
-    document ids. ``axis_name=None`` is the one-device path.
+    The rule of the module docstring, under the active mesh and rules (None without a mesh). The result is the
+    logical name of the activations' sequence axis: pass it to ``ssd_sharded`` and ``causal_conv1d_context_parallel``
+    as ``seq`` and use it in the layer's own sharding specs.
     """
-    Bsz, L, H, P = x_BLHP.shape
-    G, N = B_BLGN.shape[2:]
-    R = H // G
-    acc = ssd_ops._acc_dtype(x_BLHP.dtype)
-    y0_BLHP, S_ext_BHPN = ssd_ops.ssd_chunked(x_BLHP, dt_BLH, A_H, B_BLGN, C_BLGN, chunk_size=chunk_size, D_H=D_H,
-                                              seq_idx_BL=seq_idx_BL, decay_scale_H=decay_scale_H)  # fmt: skip
-    d_BLH, a_BH = ssd_ops.initial_state_decay(dt_BLH, A_H, seq_idx_BL=seq_idx_BL, decay_scale_H=decay_scale_H)
-    r = _ring_index(axis_name)
-
-    if seq_idx_BL is None:
-        g_rB = jnp.ones((_ring_size(axis_name), Bsz), acc)
-    else:  # g_r = 1 iff shard r's first token continues the document of shard r-1's last token (shard 0: 1)
-        ends_rB2 = _gather(jnp.stack([seq_idx_BL[:, 0], seq_idx_BL[:, -1]], axis=-1), axis_name)
-        cont_rB = jnp.concatenate([jnp.ones_like(ends_rB2[:1, :, 0], bool),
-                                   ends_rB2[1:, :, 0] == ends_rB2[:-1, :, 1]], axis=0)  # fmt: skip
-        g_rB = cont_rB.astype(acc)
-    S_ext_rBHPN = _gather(S_ext_BHPN.astype(acc), axis_name)
-    a_rBH = _gather(a_BH.astype(acc), axis_name)
-
-    S0_BHPN = jnp.zeros((Bsz, H, P, N), acc) if initial_state_BHPN is None else initial_state_BHPN.astype(acc)
-
-    def fold(F_BHPN, inputs):  # F: true state after the previous shard; E: what actually enters this shard
-        S_ext, a_BH_, g_B = inputs
-        E_BHPN = g_B[:, None, None, None] * F_BHPN
-        return a_BH_[:, :, None, None] * E_BHPN + S_ext, E_BHPN
-
-    final_BHPN, E_rBHPN = lax.scan(fold, S0_BHPN, (S_ext_rBHPN, a_rBH, g_rB))
-    E_BGRPN = E_rBHPN[r].reshape(Bsz, G, R, P, N)
-    corr_BLGRP = jnp.einsum("BLGN,BGRPN->BLGRP", C_BLGN.astype(acc), E_BGRPN)
-    y_BLHP = y0_BLHP.astype(acc) + corr_BLGRP.reshape(Bsz, L, H, P) * d_BLH[..., None]
-    return y_BLHP.astype(x_BLHP.dtype), final_BHPN
+    require_int("sequence_axis: length", length, min=1)
+    require_int("sequence_axis: conv_width", conv_width, min=1)
+    require_bool("sequence_axis: state_clipping", state_clipping)
+    n = sharding.axis_size(SEQ)
+    if n == 1 or length % n or length // n < conv_width - 1 or state_clipping:
+        return None
+    return SEQ
 
 
+def _require_seq(owner: str, seq, length: int) -> None:
+    require_choice(f"{owner}: seq", seq, (None, SEQ))
+    n = sharding.axis_size(SEQ)
+    require(seq is None or length % n == 0, f"{owner}: sequence length {length} must be divisible by the "
+                                            f"context-parallel size {n} (or pass seq=None to gather it)")  # fmt: skip
+
+
+def groups_for_heads(B_BLGN: Float[Array, "B L G N"], C_BLGN: Float[Array, "B L G N"], H: int):
+    """Lay out the B/C groups so that every heads shard holds the groups of its heads.
+
+    G divisible by the heads shards t: shard G along with the heads. t divisible by G (e.g. G = 1): repeat each
+    group t/G times, so shard i gets the one group serving its heads. Returns (B, C, logical spec of (G, N)).
+    """
+    G = B_BLGN.shape[2]
+    t = sharding.axis_size("act_heads")
+    if t == 1:
+        return B_BLGN, C_BLGN, (None, None)
+    require(H % t == 0, f"ssd_sharded: num_heads={H} is not divisible by the {t} shards of act_heads")
+    if G % t == 0:
+        return B_BLGN, C_BLGN, ("act_heads", None)
+    require(t % G == 0, f"ssd_sharded: n_groups={G} and the {t} shards of act_heads must divide one another")
+    rep = lambda a: jnp.repeat(a, t // G, axis=2)  # noqa: E731
+    return rep(B_BLGN), rep(C_BLGN), ("act_heads", None)
+
+
+def ssd_sharded(
+    inputs: SSDInputs, *, impl: Impl | str = Impl.CHUNKED, seq: str | None = None
+) -> tuple[Float[Array, "B L H P"], Float[Array, "B H P N"]]:
+    """``lcjax.ops.ssd.ssd`` of global arrays under the active mesh: (y_BLHP, final_state_BHPN).
+
+    ``sharding.shard_map`` over batch and heads (B/C groups by ``groups_for_heads``); with ``seq="act_seq"``
+    (``sequence_axis``) also over the sequence, where each shard runs ``impl="context_parallel"`` over the mesh
+    axes of ``act_seq`` and the final state comes back replicated over them. Without a mesh this is ``ssd``.
+    """
+    impl = inputs.check(require_choice("ssd_sharded: impl", impl, [i.value for i in Impl]))
+    x_BLHP = inputs.x_BLHP
+    _require_seq("ssd_sharded", seq, x_BLHP.shape[1])
+    axis_name = context_axis_name() if seq is not None else None
+    local_impl = impl if axis_name is None else inputs.check(Impl.CONTEXT_PARALLEL)  # refuses state clipping
+    B_BLGN, C_BLGN, g = groups_for_heads(inputs.B_BLGN, inputs.C_BLGN, x_BLHP.shape[2])
+    inputs = inputs._replace(B_BLGN=B_BLGN, C_BLGN=C_BLGN)
+    h, bl = ("act_heads",), ("act_batch", seq)
+    specs = SSDInputs(bl + h + (None,), bl + h, h, bl + g, bl + g, None, h, ("act_batch", *h, None, None), bl, h, h)
+    names = [k for k, v in inputs._asdict().items() if v is not None and k != "chunk_size"]  # shard_map: arrays only
+
+    def local(*arrays):
+        shard = inputs._replace(**dict(zip(names, arrays)))
+        return ssd(**shard._asdict(), impl=local_impl, axis_name=axis_name)
+
+    fn = sharding.shard_map(local, in_specs=tuple(getattr(specs, k) for k in names),
+                            out_specs=(specs.x_BLHP, specs.initial_state_BHPN))  # fmt: skip
+    return fn(*(getattr(inputs, k) for k in names))
+
+
+def in_projection(
+    x_BLD: Float[Array, "B L D"], w: dict[str, Array], names: dict[str, tuple[str | None, ...]], *, seq: str | None
+) -> dict[str, Array]:
+    """``{k: x_BLD · w[k]}`` for weights ``w[k]`` of shape ``(D, *E_k)``, with output names ``("act_batch", seq,
+    *names[k])``.
+
+    Heads not split over devices: one matmul against the pieces side by side (HF's single in_proj), which XLA runs
+    ~10% faster than five thin ones; under tensor parallelism the pieces stay apart, each sharded by its names.
+    """
+    Bsz, L, D = x_BLD.shape
+    if sharding.axis_size("act_heads") == 1:
+        W_DF = jnp.concatenate([w_DE.reshape(D, -1) for w_DE in w.values()], axis=1)
+        out_BLF = sharding.einsum("BLD,DF->BLF", x_BLD, W_DF, out=("act_batch", seq, None))
+        cuts = np.cumsum([math.prod(w_DE.shape[1:]) for w_DE in w.values()])[:-1]
+        return {k: y.reshape(Bsz, L, *w[k].shape[1:]) for k, y in zip(w, jnp.split(out_BLF, cuts, axis=-1))}
+    spec = lambda w_DE: "BLD,D{0}->BL{0}".format("EF"[: w_DE.ndim - 1])  # noqa: E731
+    return {k: sharding.einsum(spec(w_DE), x_BLD, w_DE, out=("act_batch", seq, *names[k])) for k, w_DE in w.items()}
+
+
+def gated_rmsnorm(
+    y_BLHP: Float[Array, "B L H P"], z_BLHP: Float[Array, "B L H P"], weight_HP: Float[Array, "H P"] | None, *,
+    n_groups: int, eps: float, norm_before_gate: bool = False, seq: str | None = None,
+) -> Float[Array, "B L H P"]:  # fmt: skip
+    """Mamba-2's gated RMSNorm over groups of H/G heads (HF ``MambaRMSNormGated``), in float32.
+
+    norm(y·silu(z))·w, or with ``norm_before_gate`` norm(y)·w·silu(z); ``weight_HP=None``: y·silu(z) (no norm, float32).
+    With a weight the result has z's dtype. The mean square per group is a contraction with the (H, G) membership
+    matrix, so it holds for any split of the heads over devices (a reshape H -> (G, H/G) would not).
+    """
+    dt = z_BLHP.dtype
+    H, P = y_BLHP.shape[2:]
+    G = n_groups
+    gate_BLHP = jax.nn.silu(z_BLHP.astype(jnp.float32))
+    y_BLHP = y_BLHP.astype(jnp.float32)
+    if weight_HP is None:
+        return y_BLHP * gate_BLHP
+    if not norm_before_gate:
+        y_BLHP = y_BLHP * gate_BLHP
+    member_HG = jnp.asarray(np.arange(H)[:, None] // (H // G) == np.arange(G)[None, :], jnp.float32)
+    sq_BLH = jnp.sum(jnp.square(y_BLHP), axis=-1)
+    ms_BLG = sharding.einsum("BLH,HG->BLG", sq_BLH, member_HG, out=("act_batch", seq, None)) / (H // G * P)
+    rstd_BLH = sharding.einsum("BLG,HG->BLH", lax.rsqrt(ms_BLG + eps), member_HG, out=("act_batch", seq, "act_heads"))
+    # Materialised once: the norm-weight gradient then reduces it instead of re-deriving it in the reduction.
+    y_BLHP = lax.optimization_barrier(y_BLHP * rstd_BLH[..., None])
+    y_BLHP = weight_HP[None, None] * y_BLHP.astype(dt)
+    return y_BLHP * gate_BLHP.astype(dt) if norm_before_gate else y_BLHP
+
+
+# ---- the causal conv ----------------------------------------------------------------------------------------------
 def _check_halo(x_BLE, *, axis_name, width, history_BWE=None, seq_idx_BL=None):
-    check_axis_name(axis_name)
-    _require(isinstance(width, int) and not isinstance(width, bool) and width >= 1,
-             f"width: expected a positive int (the conv width W), got {width!r}")  # fmt: skip
-    _require(hasattr(x_BLE, "ndim") and x_BLE.ndim >= 3, "x_BLE: expected rank >= 3 (B, L, *channels)")
-    _require(x_BLE.shape[1] >= width - 1, f"x_BLE: the local shard length {x_BLE.shape[1]} must be >= width - 1 = "
-                                          f"{width - 1} (the halo comes from one neighbour only)")  # fmt: skip
+    check_axis_name("conv_halo", axis_name)
+    require_int("conv_halo: width", width, min=1)
+    require_float_array("x_BLE", x_BLE, min_rank=3)
+    require(x_BLE.shape[1] >= width - 1, f"x_BLE: the local shard length {x_BLE.shape[1]} must be >= width - 1 = "
+                                         f"{width - 1} (the halo comes from one neighbour only)")  # fmt: skip
     if history_BWE is not None:
-        want = (x_BLE.shape[0], width - 1, *x_BLE.shape[2:])
-        _require(tuple(history_BWE.shape) == want, f"history_BWE: expected shape {want}, got {history_BWE.shape}")
-    if seq_idx_BL is not None:
-        _require(tuple(seq_idx_BL.shape) == tuple(x_BLE.shape[:2]) and jnp.issubdtype(seq_idx_BL.dtype, jnp.integer),
-                 f"seq_idx_BL: expected an integer array of shape {tuple(x_BLE.shape[:2])}, got {seq_idx_BL.shape}")
+        require_shape("history_BWE", history_BWE, (x_BLE.shape[0], width - 1, *x_BLE.shape[2:]), "(B, W-1, *channels)")
+    require_ids("seq_idx_BL", seq_idx_BL, x_BLE.shape[:2])
 
 
-@ssd_ops._validated_by(_check_halo)
+@validated_by(_check_halo)
 def conv_halo(
     x_BLE: Float[Array, "B L *E"],
     *,
@@ -165,12 +204,10 @@ def conv_halo(
     first = jnp.zeros((Bsz, W1, *x_BLE.shape[2:]), x_BLE.dtype) if history_BWE is None else history_BWE
     if axis_name is None or W1 == 0:
         return first.astype(x_BLE.dtype)
-    n = _ring_size(axis_name)
-    perm = [(i, (i + 1) % n) for i in range(n)]
-    is_first = _ring_index(axis_name) == 0
-    halo = jnp.where(is_first, first.astype(x_BLE.dtype), lax.ppermute(x_BLE[:, L - W1 :], axis_name, perm))
+    is_first = axis_index(axis_name) == 0
+    halo = jnp.where(is_first, first.astype(x_BLE.dtype), send_to_next(x_BLE[:, L - W1 :], axis_name))
     if seq_idx_BL is not None:
-        prev_seq_BW = lax.ppermute(seq_idx_BL[:, L - W1 :], axis_name, perm)
+        prev_seq_BW = send_to_next(seq_idx_BL[:, L - W1 :], axis_name)
         same_BW = prev_seq_BW == seq_idx_BL[:, :1]
         valid_BW = jnp.flip(jnp.cumprod(jnp.flip(same_BW, 1), axis=1), 1).astype(bool)  # no change up to the shard
         valid_BW = valid_BW | is_first
@@ -181,7 +218,7 @@ def conv_halo(
 def last_shard(x, axis_name: AxisName):
     """The value of ``x`` on the last device of ``axis_name``, on every device (e.g. the conv history after the
     whole sequence). One ``all_gather``; the identity for ``axis_name=None``."""
-    check_axis_name(axis_name)
+    check_axis_name("last_shard", axis_name)
     return x if axis_name is None else lax.all_gather(x, axis_name)[-1]
 
 
@@ -191,6 +228,7 @@ def causal_conv1d_context_parallel(
     bias_E: Float[Array, "*E"] | None = None,
     *,
     channel_names: tuple[str | None, ...],
+    seq: str | None = SEQ,
     history_BWE: Float[Array, "B W1 *E"] | None = None,
     seq_idx_BL: Int[Array, "B L"] | None = None,
 ) -> tuple[Float[Array, "B L *E"], Float[Array, "B W1 *E"]]:
@@ -199,22 +237,20 @@ def causal_conv1d_context_parallel(
     ``sharding.shard_map`` over the active mesh (batch ``act_batch``, sequence ``act_seq``, channels
     ``channel_names``, e.g. ``("act_heads", None)`` for x ``[B, L, H, P]``): each shard gets its ``conv_halo`` and
     runs the conv; the returned history (the last W-1 inputs of the whole sequence) is the last shard's. Without a
-    mesh (or an unsharded ``act_seq``) this is ``causal_conv1d``.
+    mesh, with ``act_seq`` unsharded or with ``seq=None`` (``sequence_axis``: the gathered sequence) this is
+    ``causal_conv1d`` on the global arrays.
     """
-    axes = sharding.mesh_axes("act_seq")
-    if not axes:
+    _require_seq("causal_conv1d_context_parallel", seq, x_BLE.shape[1])
+    axis_name = context_axis_name() if seq is not None else None
+    if axis_name is None:
         return causal_conv1d(x_BLE, w_WE, bias_E, history_BWE=history_BWE, seq_idx_BL=seq_idx_BL)
-    axis_name = axes[0] if len(axes) == 1 else axes
-    _require(len(channel_names) == x_BLE.ndim - 2, f"channel_names: expected {x_BLE.ndim - 2} names (one per "
-                                                   f"channel axis of x_BLE), got {channel_names!r}")  # fmt: skip
-    n = sharding.axis_size("act_seq")
-    _require(x_BLE.shape[1] % n == 0, f"x_BLE: sequence length {x_BLE.shape[1]} must be divisible by the "
-                                      f"context-parallel size {n}")  # fmt: skip
+    require(len(channel_names) == x_BLE.ndim - 2, f"channel_names: expected {x_BLE.ndim - 2} names (one per "
+                                                  f"channel axis of x_BLE), got {channel_names!r}")  # fmt: skip
     W = w_WE.shape[0]
-    x_spec = ("act_batch", "act_seq", *channel_names)
+    x_spec = ("act_batch", SEQ, *channel_names)
     h_spec = ("act_batch", None, *channel_names)
     opt = {k: v for k, v in (("bias", bias_E), ("history", history_BWE), ("seq", seq_idx_BL)) if v is not None}
-    spec_of = {"bias": tuple(channel_names), "history": h_spec, "seq": ("act_batch", "act_seq")}
+    spec_of = {"bias": tuple(channel_names), "history": h_spec, "seq": ("act_batch", SEQ)}
 
     def local(x, w, *rest):
         a = dict(zip(opt, rest))
@@ -225,4 +261,3 @@ def causal_conv1d_context_parallel(
     fn = sharding.shard_map(local, in_specs=(x_spec, (None, *channel_names), *(spec_of[k] for k in opt)),
                             out_specs=(x_spec, h_spec))  # fmt: skip
     return fn(x_BLE, w_WE, *opt.values())
-

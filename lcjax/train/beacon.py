@@ -1,4 +1,4 @@
-"""Beacon-only training: ratio sampling per window, loss on raw tokens, base parameters frozen.
+"""Beacon-only training as an objective of the one loop: ratio sampling per window, loss on raw tokens, base frozen.
 
 The recipe of Activation Beacon (https://arxiv.org/abs/2401.03462; FlagOpen/FlagEmbedding
 ``research/Long_LLM/activation_beacon/main/train.py`` with ``only_train_beacon=True``): next-token cross-entropy on
@@ -6,45 +6,36 @@ the raw tokens of every window of a sample, processed as one differentiable forw
 earlier windows' beacon K/V), a fresh compression ratio per window drawn from a mix, and only the beacon parameters
 (``BeaconParam``: beacon embedding and beacon q/k/v(/o) projections) updated.
 
-Freezing is enforced twice: ``beacon_loss`` stops gradients at every non-beacon variable (so ``jax.grad`` of it
-w.r.t. the whole model is exactly zero there), and ``train_beacons`` / ``make_train_step`` give the optimizer the
-``BeaconParam`` state only (``nnx.split(model, BeaconParam, ...)``), so no optimizer rule (weight decay included)
-can touch a base weight. A trainer that uses ``nnx.Optimizer`` should pass ``wrt=BeaconParam``.
+``BeaconLoss`` is that objective for ``lcjax.train.loop.train`` (``train(config, workdir, model=beacon_lm,
+objective=BeaconLoss())``): the loop's one update step differentiates w.r.t. ``BeaconLoss.wrt = BeaconParam`` only
+and its optimizer holds state for those only, so no optimizer rule (weight decay included) can touch a base weight.
+Freezing is also enforced in the loss: ``beacon_loss`` stops gradients at every non-beacon variable, so ``jax.grad``
+of it w.r.t. the whole model is exactly zero there.
 
 Unlike upstream there is no separate "training mode": the loss is computed on exactly the computation used at
-inference (beacons also in the last window, no masking of the first window's labels), and ratios come from an
-explicit PRNG key instead of a global ``np.random`` state.
-
-The second half runs the CPU passkey experiment of ``configs/beacon.py`` (``build_base`` -> ``evaluate_base`` ->
-``beacon_stage``; ``python -m lcjax.train.beacon --config configs/beacon.py``), with a minimal full-parameter loop
-(``pretrain_lm``) for the base model.
+inference (beacons also in the last window, no masking of the first window's labels), and ratios come from the
+step's PRNG key instead of a global ``np.random`` state. The CPU passkey study that uses it is
+``experiments/beacon/passkey.py``.
 Dimension key (lcjax/typing.py): B batch, L length, N windows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
-from lcjax import data
 from lcjax.layers.beacon import _ADAPT, BeaconConfig, BeaconParam
-from lcjax.models.beacon import BeaconLM, add_beacons
-from lcjax.models.lm import LM, LMConfig
-from lcjax.ops import rope as rope_ops
+from lcjax.models.beacon import BeaconLM
 from lcjax.ops.losses import token_cross_entropy
+from lcjax.train.loop import NextTokenLoss
 from lcjax.typing import Array, Int
 
-__all__ = ["beacon_loss", "beacon_stage", "build_base", "evaluate_base", "lengths_from_batch", "make_train_step",
-           "passkey_accuracy", "pretrain_lm", "run", "sample_ratios", "train_beacons"]
+__all__ = ["BeaconLoss", "beacon_loss", "lengths_from_batch", "sample_ratios"]
 
 
 def sample_ratios(
@@ -108,253 +99,22 @@ def beacon_loss(
     return loss, {"loss": loss, "tokens": count, "accuracy": correct / jnp.maximum(count, 1.0)}
 
 
-def make_train_step(model: BeaconLM, tx: optax.GradientTransformation) -> tuple[Callable, Any, Any, Any]:
-    """``(step, beacon_state, opt_state, (graphdef, rest))`` for a functional loop over the beacon parameters only.
+@dataclasses.dataclass(frozen=True)
+class BeaconLoss(NextTokenLoss):
+    """The loop objective of beacon-only training (``lcjax.train.loop.NextTokenLoss`` on a ``BeaconLM``).
 
-    ``step(beacon_state, opt_state, rest, batch, key) -> (beacon_state, opt_state, metrics)`` is jitted, donates the
-    beacon and optimizer state (not ``rest``, the base weights, which is never an output) and samples each window's
-    ratio from ``key``. Rebuild the model with ``nnx.merge(graphdef, beacon_state, rest)`` (see ``train_beacons``).
+    Training draws one compression ratio per example and window from the step's key (``sample_ratios``; the adapt-N
+    mix uses the base model's ``max_seq_len``); evaluation (``rng=None``) uses ``BeaconConfig.ratio``. Rows are
+    right-padded documents: their lengths come from ``segment_ids``. Base weights are frozen (``wrt``).
     """
-    graphdef, beacon, rest = nnx.split(model, BeaconParam, ...)
-    cfg = model.cfg
-    max_positions = model.base.cfg.max_seq_len
-    opt_state = tx.init(beacon)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(beacon, opt_state, rest, batch, key):
-        inputs = jnp.asarray(batch["inputs"])
-        B, L = inputs.shape
-        lengths_B = lengths_from_batch(batch) if "segment_ids" in batch else jnp.full((B,), L, jnp.int32)
-        ratios_BN = sample_ratios(cfg, key, lengths_B, -(-L // cfg.window), max_positions=max_positions)
+    wrt: ClassVar[Any] = BeaconParam
 
-        def loss_fn(beacon):
-            return beacon_loss(nnx.merge(graphdef, beacon, rest), batch, ratios_BN)
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(beacon)
-        updates, opt_state = tx.update(grads, opt_state, beacon)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return optax.apply_updates(beacon, updates), opt_state, metrics
-
-    return step, beacon, opt_state, (graphdef, rest)
-
-
-def train_beacons(
-    model: BeaconLM, batches: Iterable[Mapping[str, np.ndarray]], *, steps: int, tx: optax.GradientTransformation,
-    seed: int = 0, log_every: int = 0, log: Callable[[str], None] = print,
-) -> tuple[BeaconLM, list[dict[str, float]]]:
-    """Train the beacon parameters of ``model`` for ``steps`` batches; returns the trained model and per-step metrics.
-
-    A small self-contained loop (the shared trainer can do the same with ``beacon_loss`` and
-    ``nnx.Optimizer(model, tx, wrt=BeaconParam)``). Stops with an error on a non-finite loss.
-    """
-    if steps < 1:
-        raise ValueError(f"train_beacons: steps={steps} must be >= 1")
-    step, beacon, opt_state, (graphdef, rest) = make_train_step(model, tx)
-    key = jax.random.key(seed)
-    history: list[dict[str, float]] = []
-    it = iter(batches)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        batch = {k: np.asarray(v) for k, v in next(it).items()}
-        beacon, opt_state, metrics = step(beacon, opt_state, rest, batch, jax.random.fold_in(key, i))
-        metrics = {k: float(v) for k, v in metrics.items()}
-        if not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"train_beacons: non-finite loss {metrics['loss']} at step {i}")
-        metrics["step"], metrics["time_s"] = i, time.perf_counter() - t0
-        history.append(metrics)
-        if log_every and (i % log_every == 0 or i == steps - 1):
-            log(f"step {i:5d}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}  {metrics['time_s']:.1f}s")
-    return nnx.merge(graphdef, beacon, rest), history
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Passkey experiment: pretrain (or convert) a base LM, add beacons, train them, evaluate beyond the base window
-# ---------------------------------------------------------------------------------------------------------------
-def _adamw(lr: float, steps: int, weight_decay: float) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, end_value=lr * 0.1)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=weight_decay))
-
-
-def pretrain_lm(
-    model: LM, batches: Iterable[Mapping[str, np.ndarray]], *, steps: int, tx: optax.GradientTransformation,
-    log_every: int = 0, log: Callable[[str], None] = print,
-) -> tuple[LM, list[dict[str, float]]]:
-    """Plain next-token training of every parameter of a base ``LM`` (full attention), loss on ``loss_mask``.
-
-    A minimal loop for the CPU experiment (the shared trainer, ``lcjax.train.loop``, is the general one)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = tx.init(params)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, rest, batch):
-        def loss_fn(params):
-            logits_BLV = nnx.merge(graphdef, params, rest)(batch["inputs"])
-            w_BL = batch["loss_mask"].astype(jnp.float32)
-            total, count = token_cross_entropy(logits_BLV, batch["targets"], w_BL)
-            acc = jnp.sum((jnp.argmax(logits_BLV, -1) == batch["targets"]) * w_BL) / jnp.maximum(count, 1.0)
-            return total / jnp.maximum(count, 1.0), acc
-
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "accuracy": acc}
-
-    history, it, t0 = [], iter(batches), time.perf_counter()
-    for i in range(steps):
-        batch = {k: jnp.asarray(np.asarray(v)) for k, v in next(it).items() if k in ("inputs", "targets", "loss_mask")}
-        params, opt_state, metrics = step(params, opt_state, rest, batch)
-        metrics = {k: float(v) for k, v in metrics.items()} | {"step": i, "time_s": time.perf_counter() - t0}
-        if not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"pretrain_lm: non-finite loss {metrics['loss']} at step {i}")
-        history.append(metrics)
-        if log_every and (i % log_every == 0 or i == steps - 1):
-            m = metrics
-            log(f"base step {i:5d}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  {m['time_s']:.1f}s")
-    return nnx.merge(graphdef, params, rest), history
-
-
-def passkey_accuracy(
-    logits_fn: Callable[[np.ndarray], jax.Array], task: data.PasskeyConfig, *, num_examples: int, batch_size: int,
-    seed: int = 0, window: int | None = None,
-) -> dict[str, float]:
-    """Teacher-forced passkey accuracy on the test split: ``digit_accuracy`` (answer digits predicted exactly),
-    ``example_accuracy`` (all digits of an example right; chance 10^-num_digits) and ``digit_accuracy_by_position``
-    (per answer digit, in order).
-
-    With ``window`` (a beacon window W), also ``digit_accuracy_far`` / ``digit_accuracy_near`` and ``far_fraction``:
-    the same split by whether the needle's marker lies in an earlier window than the final query (so a beacon model
-    has it only in compressed memory) or in the query's own window.
-    """
-    examples = [data.generate(task, i, seed=seed, split="test") for i in range(num_examples)]
-    counts = dict(digits=0, right=0, examples_right=0, far_digits=0, far_right=0, far_examples=0)
-    by_position = np.zeros(task.num_digits)
-    for lo in range(0, num_examples, batch_size):
-        chunk = examples[lo : lo + batch_size]
-        inputs = np.stack([e["inputs"] for e in chunk])
-        targets = np.stack([e["targets"] for e in chunk])
-        mask = np.stack([e["loss_mask"] for e in chunk])
-        right = (np.asarray(logits_fn(inputs)).argmax(-1) == targets) & mask
-        counts["digits"] += int(mask.sum())
-        counts["right"] += int(right.sum())
-        counts["examples_right"] += int((right.sum(1) == mask.sum(1)).sum())
-        by_position += right[:, -task.num_digits :].sum(0)  # the answers are the last num_digits positions
-        if window is not None:
-            needle = np.argmax(inputs == data.synthetic.PASSKEY_MARKER, axis=1)  # the first marker: the needle
-            far = needle // window < (inputs.shape[1] - 1) // window
-            counts["far_examples"] += int(far.sum())
-            counts["far_digits"] += int(mask[far].sum())
-            counts["far_right"] += int(right[far].sum())
-    out = {"digit_accuracy": counts["right"] / counts["digits"],
-           "example_accuracy": counts["examples_right"] / num_examples,
-           "digit_accuracy_by_position": (by_position / num_examples).tolist()}  # fmt: skip
-    if window is not None:
-        near_digits = counts["digits"] - counts["far_digits"]
-        out |= dict(
-            far_fraction=counts["far_examples"] / num_examples,
-            digit_accuracy_far=counts["far_right"] / counts["far_digits"] if counts["far_digits"] else None,
-            digit_accuracy_near=(counts["right"] - counts["far_right"]) / near_digits if near_digits else None,
-        )  # fmt: skip
-    return out
-
-
-def _with_max_len(model: LM, max_seq_len: int) -> LM:
-    """The same weights in an ``LM`` whose ``max_seq_len`` allows longer inputs (RoPE has no learned positions)."""
-    longer = nnx.eval_shape(lambda: LM(dataclasses.replace(model.cfg, max_seq_len=max_seq_len), rngs=nnx.Rngs(0)))
-    nnx.update(longer, nnx.state(model))
-    return longer
-
-
-def _task(c, seq_len: int) -> data.PasskeyConfig:
-    return data.PasskeyConfig(seq_len=seq_len, **dict(c.data.task_args))
-
-
-def _evaluate(c, fn, L: int) -> dict[str, float]:
-    return passkey_accuracy(fn, _task(c, L), num_examples=c.eval.num_examples, batch_size=c.eval.batch_size,
-                            seed=c.seed, window=int(c.beacon.window))  # fmt: skip
-
-
-def build_base(c, log: Callable[[str], None] = print) -> tuple[LM, list[dict[str, float]]]:
-    """The base LM of ``config.base``: pretrained here on ``base.seq_len``-token passkey data (``source="train"``)
-    or converted from a local HF Llama checkpoint (``source="hf_dir"``). Returns ``(model, training history)``."""
-    if c.base.source == "train":
-        model_kw = dict(c.model)
-        model_kw["rope"] = rope_ops.RopeConfig(**dict(model_kw.get("rope", {})))
-        base = LM(LMConfig(**model_kw), rngs=nnx.Rngs(c.seed))
-        train_ds, _ = data.synthetic_datasets(_task(c, c.base.seq_len), global_batch_size=c.base.batch_size,
-                                              num_train=c.base.num_train, num_validation=8, seed=c.seed)  # fmt: skip
-        return pretrain_lm(base, train_ds, steps=c.base.steps, tx=_adamw(c.base.lr, c.base.steps, c.base.weight_decay),
-                           log_every=c.log_every, log=log)  # fmt: skip
-    if c.base.source == "hf_dir":
-        from lcjax.convert.llama import llama_from_pretrained_dir
-
-        return llama_from_pretrained_dir(c.base.hf_dir), []
-    raise ValueError(f"config.base.source={c.base.source!r}; allowed: 'train', 'hf_dir'")
-
-
-def evaluate_base(c, base: LM) -> dict[int, dict[str, float]]:
-    """Passkey accuracy of the base alone (full attention) at every ``eval.lengths``, beyond its window too."""
-    lengths = [int(n) for n in c.eval.lengths]
-    long_base = _with_max_len(base, max(lengths + [base.cfg.max_seq_len]))
-    fn = jax.jit(lambda m, x: m(x))
-    return {L: _evaluate(c, lambda x: fn(long_base, x), L) for L in lengths}
-
-
-def beacon_stage(c, base: LM, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Add beacons (``config.beacon``) to ``base``, evaluate them untrained, train them (``config.train``, on
-    ``data.seq_len``-token passkey data) and evaluate again, at every ``eval.lengths`` x ``eval.ratios``."""
-    bcfg = BeaconConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in dict(c.beacon).items()})
-    model = add_beacons(base, bcfg, rngs=nnx.Rngs(c.seed))
-    fn = jax.jit(lambda m, x, n, r: m(x, lengths_B=n, ratios_BN=r))
-    lengths, ratios = [int(n) for n in c.eval.lengths], [int(r) for r in c.eval.ratios]
-
-    def evaluate(m, ratio, L):
-        n_windows = -(-L // bcfg.window)
-        return _evaluate(c, lambda x: fn(m, x, np.full(x.shape[0], L, np.int32),
-                                         np.full((x.shape[0], n_windows), ratio, np.int32)), L)  # fmt: skip
-
-    out: dict[str, Any] = {"beacon_init": {r: {L: evaluate(model, r, L) for L in lengths} for r in ratios}}
-    train_ds, _ = data.synthetic_datasets(_task(c, c.data.seq_len), global_batch_size=c.train.batch_size,
-                                          num_train=c.data.num_train, num_validation=8, seed=c.seed + 1)  # fmt: skip
-    t0 = time.perf_counter()
-    model, out["beacon_history"] = train_beacons(
-        model, train_ds, steps=c.train.steps, tx=_adamw(c.train.lr, c.train.steps, c.train.weight_decay),
-        seed=c.seed, log_every=c.log_every, log=log,
-    )  # fmt: skip
-    out["train_s"] = time.perf_counter() - t0
-    out["beacon"] = {r: {L: evaluate(model, r, L) for L in lengths} for r in ratios}
-    for r in ratios:
-        log(f"beacon r={r}: " + ", ".join(f"L={L}: {v['digit_accuracy']:.3f}" for L, v in out["beacon"][r].items()))
-    return out
-
-
-def run(config, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The experiment of ``configs/beacon.py``: ``build_base``, ``evaluate_base``, ``beacon_stage``. JSON-able."""
-    t_start = time.perf_counter()
-    base, history = build_base(config, log)
-    out: dict[str, Any] = {"config": config.to_dict(), "base_history": history, "base": evaluate_base(config, base)}
-    log(f"base (trained window {base.cfg.max_seq_len}): "
-        + ", ".join(f"L={L}: {r['digit_accuracy']:.3f}" for L, r in out["base"].items()))  # fmt: skip
-    out |= beacon_stage(config, base, log)
-    out["wall_s"] = time.perf_counter() - t_start
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m lcjax.train.beacon --config configs/beacon.py[:ARG] [--out results.json]``."""
-    import argparse
-    import json
-
-    from lcjax.train.config import load_config_file
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="FILE[:ARG], e.g. configs/beacon.py:smoke")
-    p.add_argument("--out", default="", help="write the results as JSON here")
-    args = p.parse_args(argv)
-    path, _, arg = args.config.partition(":")
-    results = run(load_config_file(path, arg or None))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-
-
-if __name__ == "__main__":
-    main()
+    def logits(self, model: BeaconLM, batch, rng):
+        inputs = batch["inputs"]
+        lengths_B = lengths_from_batch(batch)
+        ratios_BN = None
+        if rng is not None:
+            n_windows = -(-inputs.shape[1] // model.cfg.window)
+            ratios_BN = sample_ratios(model.cfg, rng, lengths_B, n_windows, max_positions=model.base.cfg.max_seq_len)
+        return _frozen_base(model)(inputs, lengths_B=lengths_B, ratios_BN=ratios_BN)

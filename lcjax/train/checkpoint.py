@@ -9,12 +9,20 @@ Restoring tries the latest step first. If it cannot be read (truncated or corrup
 (``CheckpointFallbackWarning``), moves it aside to ``<dir>/../corrupt_checkpoints/<step>`` so the step can be
 written again, and falls back to the previous one. If no checkpoint can be restored, it raises instead of quietly
 starting over (that is usually a changed config, not corruption), and moves nothing.
+
+The fallback is quiet: when one array of a checkpoint cannot be read, orbax abandons the restore and closes its
+asyncio loop while tensorstore is still reading the other arrays; each of those reads then completes on a
+tensorstore thread by scheduling a callback on the closed loop, and Python prints an unraisable ``RuntimeError:
+Event loop is closed`` traceback for every one (dozens per checkpoint). ``_quiet_closed_loops`` drops exactly those
+while restoring; every other unraisable exception still reaches ``sys.unraisablehook``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -76,6 +84,10 @@ class Checkpointer:
         Returns ``(step, data_iter)``; ``(None, None)`` when the directory holds no checkpoint. Arrays are
         restored with the shardings of the arrays already in ``model`` / ``optimizer``.
         """
+        with _QuietClosedLoops() as quiet:
+            return self._restore_latest(model, optimizer, new_data_iter, quiet)
+
+    def _restore_latest(self, model, optimizer, new_data_iter, quiet):
         steps = sorted(self._mngr.all_steps(), reverse=True)
         failures: list[tuple[int, Exception]] = []
         for step in steps:
@@ -89,6 +101,8 @@ class Checkpointer:
                 restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
                 failures.append((step, e))
+                quiet.failed()
+                _close(data_iter)
                 continue
             nnx.update(model, restored["model"])
             if optimizer is not None:
@@ -115,6 +129,51 @@ class Checkpointer:
                 f"checkpoint step {step} in {self.directory} could not be restored ({type(err).__name__}: "
                 f"{str(err)[:300]}); moved it to {dst} and resumed from step {good_step}",
                 CheckpointFallbackWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         self._mngr.reload()
+
+
+def _close(data_iter: Any) -> None:
+    close = getattr(data_iter, "close", None)
+    if close is not None:
+        close()
+
+
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    return (
+        isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+        and threading.current_thread() is not threading.main_thread()
+    )
+
+
+class _QuietClosedLoops:
+    """While active, ``sys.unraisablehook`` drops the "Event loop is closed" callbacks of abandoned tensorstore reads
+    (raised on tensorstore's threads; see the module docstring) and passes every other unraisable exception on.
+    After a failed restore (``failed()``), leaving waits until no such callback came for ``settle_s``, so the
+    stragglers of the abandoned reads are dropped too."""
+
+    def __init__(self, settle_s: float = 0.5):
+        self.settle_s = settle_s
+        self._last: float | None = None
+
+    def failed(self) -> None:
+        self._last = time.monotonic()
+
+    def _hook(self, unraisable: Any) -> None:
+        if _is_closed_loop_callback(unraisable):
+            self._last = time.monotonic()
+        else:
+            self._previous(unraisable)
+
+    def __enter__(self):
+        self._previous = sys.unraisablehook
+        sys.unraisablehook = self._hook
+        return self
+
+    def __exit__(self, *exc):
+        while self._last is not None and time.monotonic() - self._last < self.settle_s:
+            time.sleep(0.05)
+        if sys.unraisablehook == self._hook:
+            sys.unraisablehook = self._previous

@@ -1,21 +1,29 @@
 """The one training loop of lcjax (STYLE §2.6), read top to bottom in banner sections like big_vision's
 ``big_vision/train.py``: mesh, input, model and optimizer, checkpoint restore, update step, evaluation, loop.
 
-``train(config, workdir)`` takes an experiment ``ConfigDict`` (``configs/*.py``), validates it into an
-``ExperimentConfig`` and trains an ``lcjax.models.lm.LM`` whose block types come from ``config.model`` alone.
+``train(cfg, workdir)`` takes an ``ExperimentConfig`` (the ``get_config()`` of ``configs/*.py``, checked when built)
+and trains an ``lcjax.models.lm.LM`` whose block types come from ``config.model`` alone. The
+same loop trains other modules with other objectives (``train(..., model=, objective=)``): Activation Beacon's
+beacon-only training is ``lcjax.train.beacon.BeaconLoss`` run by this loop, not a loop of its own.
 
 - Parameters and optimizer state are born sharded (``state.create_train_state``); batches are placed explicitly with
   ``jax.make_array_from_process_local_data``, so the loop runs under ``jax.transfer_guard("disallow")``: any
   implicit host <-> device transfer is a bug and raises. Metrics come back only through ``jax.device_get``.
-- The update step is one ``jax.jit`` with ``donate_argnames=("model", "optimizer")``. The loss is the token
-  cross-entropy (optional z-loss) over the positions whose ``loss_mask`` is set, divided by their number in the
+- The update step is one ``sharding.jit`` (the sharding rules key its cache) with
+  ``donate_argnames=("model", "optimizer")``. The loss is the objective's sum over the positions whose
+  ``loss_mask`` is set (``NextTokenLoss``: token cross-entropy, optional z-loss), divided by their number in the
   whole global batch (also under gradient accumulation, so accumulating changes nothing but memory).
 - Step ``s`` is the ``s``-th completed update; its RNG is ``fold_in(key(seed), s - 1)`` (``optimizer.step`` before
-  the update). The LM's blocks are deterministic today; the key is threaded for stochastic ones.
+  the update). The LM's blocks are deterministic today; the beacon objective draws its compression ratios from it.
+- The first training batch's token ids are checked against ``config.model.vocab_size`` on the host before the step
+  compiles (inside the compiled step an out-of-range id would be clamped by the embedding gather).
 - Non-finite loss, gradient norm or parameter norm stops the run with ``NonFiniteError`` naming the step. Metrics
   are fetched every ``log_every`` steps and always before a checkpoint, so a bad state is never saved.
 - SIGTERM (and a first Ctrl-C) finishes the current step, writes a checkpoint and returns (``preempted=True``);
-  rerunning the same command resumes from it, bitwise identically to an uninterrupted run.
+  rerunning the same command resumes from it, bitwise identically to an uninterrupted run. ``config.json`` is
+  written once the run is restored (or starts fresh), so a rerun with a config that cannot restore changes nothing.
+
+Run-directory services (``lcjax eval`` / ``lcjax generate``) live in ``workdir.py``.
 """
 
 from __future__ import annotations
@@ -27,23 +35,22 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
+from lcjax import checks, sharding
 from lcjax import data as data_lib
-from lcjax import sharding
 from lcjax.ops import context_parallel
 from lcjax.ops.losses import token_cross_entropy
 from lcjax.train import checkpoint as ckpt_lib
 from lcjax.train import metrics as metrics_lib
 from lcjax.train import state as state_lib
-from lcjax.train.config import ExperimentConfig, SyntheticDataConfig, config_from_json, config_to_json
+from lcjax.train.config import ExperimentConfig, SyntheticDataConfig, config_to_json
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -59,6 +66,7 @@ class TrainResult:
     eval: dict[str, float]  # the final held-out evaluation (empty when preempted)
     workdir: str
     preempted: bool = False
+    model: Any = dataclasses.field(default=None, repr=False, compare=False)  # the trained model, in memory
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,33 +120,49 @@ def batch_placer(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, rules: sharding
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Update step
+# Objective, update step
 # ---------------------------------------------------------------------------------------------------------------
-def _loss_sum(model, batch, rng, *, z_loss: float):
-    """``(sum of per-token losses, number of scored tokens)`` over the batch's ``loss_mask`` positions.
+@dataclasses.dataclass(frozen=True)
+class NextTokenLoss:
+    """The LM objective: token cross-entropy (plus ``z_loss`` x logsumexp^2) over the ``loss_mask`` positions.
 
-    ``rng`` is the step's key; no block of the LM is stochastic yet, so it is unused.
+    An objective is a frozen (hashable: a static jit argument) dataclass with ``wrt``, the ``nnx`` filter of the
+    variables the optimizer updates; ``logits(model, batch, rng)``, the logits scored by the loss and the held-out
+    evaluation (``rng`` is None at evaluation); and ``__call__(model, batch, rng) -> (loss sum, scored tokens)``.
+    Other objectives subclass it (``lcjax.train.beacon.BeaconLoss`` trains the beacon parameters only).
+    ``rng`` is the step's key; no block of the LM is stochastic yet, so this objective does not use it.
     """
-    del rng
-    logits_BLV = model(batch["inputs"], positions_BL=batch["positions"], segment_ids_BL=batch["segment_ids"])
-    return token_cross_entropy(logits_BLV, batch["targets"], batch["loss_mask"].astype(jnp.float32), z_loss=z_loss)
+
+    z_loss: float = 0.0
+    wrt: ClassVar[Any] = nnx.Param
+
+    def logits(self, model, batch, rng):
+        del rng
+        return model(batch["inputs"], positions_BL=batch["positions"], segment_ids_BL=batch["segment_ids"])
+
+    def __call__(self, model, batch, rng):
+        logits_BLV = self.logits(model, batch, rng)
+        weights_BL = batch["loss_mask"].astype(jnp.float32)
+        return token_cross_entropy(logits_BLV, batch["targets"], weights_BL, z_loss=self.z_loss)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("schedule", "z_loss", "grad_accum_steps", "rules"), donate_argnames=("model", "optimizer")
-)
-def train_step(model, optimizer, batch, key, *, schedule, z_loss: float, grad_accum_steps: int, rules):
+@sharding.jit(static_argnames=("objective", "schedule", "grad_accum_steps"), donate_argnames=("model", "optimizer"))
+def train_step(model, optimizer, batch, key, *, objective, schedule, grad_accum_steps: int):
     """One update: ``(model, optimizer, metrics)``, with the model and optimizer donated.
 
-    ``rules`` (the active ``ShardingRules``) is static only to key the jit cache: the logical rules shape the trace
-    but are not part of jax's cache key.
+    Gradients are taken w.r.t. the ``objective.wrt`` variables only (the rest of the model is a constant of the
+    step). ``sharding.jit`` keys the compilation by the active ``ShardingRules`` as well.
     """
-    del rules
     count = optimizer.step[...]  # updates done so far
     rng = jax.random.fold_in(key, count)
-    grad_fn = jax.value_and_grad(functools.partial(_loss_sum, z_loss=z_loss), has_aux=True)
+    graphdef, trained, rest = nnx.split(model, objective.wrt, ...)
+
+    def objective_of(trained, batch, rng):
+        return objective(nnx.merge(graphdef, trained, rest), batch, rng)
+
+    grad_fn = jax.value_and_grad(objective_of, has_aux=True)
     if grad_accum_steps == 1:
-        (loss_sum, tokens), grads = grad_fn(model, batch, rng)
+        (loss_sum, tokens), grads = grad_fn(trained, batch, rng)
     else:
         # [B, ...] -> [A, B/A, ...] with micro-batch i = rows i, i+A, ...: the batch axis keeps its sharding on the
         # B/A rows, so every micro-batch is spread over all data-parallel shards.
@@ -147,34 +171,40 @@ def train_step(model, optimizer, batch, key, *, schedule, z_loss: float, grad_ac
 
         def body(acc, mb_rng):
             mb, r = mb_rng
-            (s, n), g = grad_fn(model, mb, r)
+            (s, n), g = grad_fn(trained, mb, r)
             return jax.tree.map(jnp.add, acc, ((s, n), g)), None
 
         micro = jax.tree.map(split, batch)
         rngs = jax.random.split(rng, grad_accum_steps)
-        (first, first_grads) = grad_fn(model, jax.tree.map(lambda x: x[0], micro), rngs[0])
+        (first, first_grads) = grad_fn(trained, jax.tree.map(lambda x: x[0], micro), rngs[0])
         ((loss_sum, tokens), grads), _ = jax.lax.scan(
             body, (first, first_grads), (jax.tree.map(lambda x: x[1:], micro), rngs[1:])
         )
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     metrics = dict(
-        loss=loss_sum / denom, grad_norm=optax.tree.norm(nnx.state(grads, nnx.Param)),
-        learning_rate=schedule(count), tokens=tokens,
+        loss=loss_sum / denom, grad_norm=optax.tree.norm(grads), learning_rate=schedule(count), tokens=tokens,
     )  # fmt: skip
     optimizer.update(model, grads)
     metrics["param_norm"] = optax.tree.norm(nnx.state(model, nnx.Param))
     return model, optimizer, metrics
 
 
+def check_first_batch(batch: dict[str, np.ndarray], vocab_size: int) -> None:
+    """The trainer's one token-id check: the first host batch's ``inputs`` and scored ``targets`` are in
+    ``[0, vocab_size)`` (later batches run unchecked inside the compiled step, where the gather would clamp)."""
+    checks.check_token_ids("first training batch['inputs']", batch["inputs"], vocab_size)
+    scored = np.asarray(batch["targets"])[np.asarray(batch["loss_mask"], bool)]
+    checks.check_token_ids("first training batch['targets'] (where loss_mask)", scored, vocab_size)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("text", "rules"))
-def eval_step(model, batch, *, text: bool, rules):
+@sharding.jit(static_argnames=("objective", "text"))
+def eval_step(model, batch, *, objective, text: bool):
     """Summable eval counts of one batch: NLL sum and scored tokens, plus task accuracy or scored bytes."""
-    del rules
-    logits_BLV = model(batch["inputs"], positions_BL=batch["positions"], segment_ids_BL=batch["segment_ids"])
+    logits_BLV = objective.logits(model, batch, None)
     nll, tokens = token_cross_entropy(logits_BLV, batch["targets"], batch["loss_mask"].astype(jnp.float32))
     out = dict(nll=nll, tokens=tokens)
     if text:
@@ -238,15 +268,22 @@ class _StopSignals:
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
-    """Train (or resume) the experiment ``config`` in ``workdir``; see the module docstring."""
-    cfg = ExperimentConfig.from_config(config)
+def train(
+    cfg: ExperimentConfig, workdir: str | os.PathLike, *, model: nnx.Module | None = None,
+    objective: NextTokenLoss | None = None,
+) -> TrainResult:  # fmt: skip
+    """Train (or resume) the experiment ``cfg`` in ``workdir``; see the module docstring.
+
+    ``model`` and ``objective`` (both optional) train another module than ``LM(config.model)`` with the same loop,
+    e.g. a ``BeaconLM`` with ``lcjax.train.beacon.BeaconLoss()``: ``model`` must already live on the config's mesh
+    (created under ``sharding.use``) and is donated; the optimizer updates its ``objective.wrt`` variables only.
+    ``config.model`` then only describes it (the vocabulary the first batch is checked against; ``lcjax eval`` and
+    ``lcjax generate`` rebuild ``LM(config.model)``, so they serve plain LM runs).
+    """
     workdir = os.path.abspath(os.fspath(workdir))
     jax.config.update("jax_threefry_partitionable", True)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            f.write(config_to_json(config))
 
     # ---- Mesh and sharding rules ---------------------------------------------------------------------------
     mesh = state_lib.build_mesh(cfg.mesh)
@@ -260,9 +297,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
 
     # ---- Model and optimizer, born sharded -----------------------------------------------------------------
+    objective = NextTokenLoss(z_loss=cfg.z_loss) if objective is None else objective
     schedule, tx = state_lib.optimizer_for(cfg)
-    model, optimizer = state_lib.create_train_state(cfg, tx, mesh, rules)
+    if model is None:
+        model, optimizer = state_lib.create_train_state(cfg, tx, mesh, rules)
+    else:
+        optimizer = state_lib.create_optimizer(model, tx, objective.wrt, mesh, rules)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, objective.wrt)))
     with sharding.use(mesh, rules):
         key = jax.device_put(jax.random.key(cfg.seed), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
@@ -276,18 +318,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     if start is None:
         start, train_iter = 0, iter(train_ds)
     last_saved = start if start else None
+    # Written only now: a rerun whose config cannot restore the run must leave the run's config.json alone.
+    if jax.process_index() == 0:
+        _write_atomically(os.path.join(workdir, CONFIG_FILE), config_to_json(cfg))
 
     # ---- Update and eval steps (module-level jits: equal configs reuse their compilations) ------------------
     step_fn = functools.partial(
-        train_step, schedule=schedule, z_loss=cfg.z_loss, grad_accum_steps=cfg.optim.grad_accum_steps, rules=rules
+        train_step, objective=objective, schedule=schedule, grad_accum_steps=cfg.optim.grad_accum_steps
     )
-    eval_fn = functools.partial(eval_step, text=text, rules=rules)
+    eval_fn = functools.partial(eval_step, objective=objective, text=text)
 
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
     bar = metrics_lib.ProgressBar(total=cfg.num_steps, initial=start, enabled=cfg.progress_bar)
+    trained = "" if n_trained == n_params else f" ({n_trained:,} trained: {type(objective).__name__})"
     bar.write(
-        f"lcjax train: {n_params:,} parameters, block_pattern={cfg.model.block_pattern}, data={_data_name(cfg)}, "
-        f"mesh={dict(mesh.shape)} rules={cfg.sharding}, "
+        f"lcjax train: {n_params:,} parameters{trained}, block_pattern={cfg.model.block_pattern}, "
+        f"data={_data_name(cfg)}, mesh={dict(mesh.shape)} rules={cfg.sharding}, "
         + (f"resuming from step {start}" if start else "starting from scratch") + f"; workdir {workdir}"
     )
     pending: list[tuple[int, dict[str, jax.Array]]] = []
@@ -326,12 +372,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     # ---- Loop ----------------------------------------------------------------------------------------------
     try:
         with sharding.use(mesh, rules), jax.transfer_guard("disallow"), _StopSignals() as stop:
-            if start >= cfg.num_steps:  # already complete: evaluate the restored model
+            if start >= cfg.num_steps:  # already complete: evaluate the restored model (replacing its eval record)
                 final_eval = run_eval(start)
             t_last = time.perf_counter()
             for step in range(start + 1, cfg.num_steps + 1):
-                batch = place(next(train_iter))
-                model, optimizer, m = step_fn(model, optimizer, batch, key)
+                host_batch = next(train_iter)
+                if step == start + 1:  # before the step compiles
+                    check_first_batch(host_batch, cfg.model.vocab_size)
+                model, optimizer, m = step_fn(model, optimizer, place(host_batch), key)
                 pending.append((step, m))
                 bar.update()
                 is_last = step == cfg.num_steps
@@ -361,6 +409,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
         bar.close()
         writer.close()
         ckpt.close()
+        _close(train_iter)
 
     step = last_saved if preempted else max(start, cfg.num_steps)
     if not preempted:
@@ -372,7 +421,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
                 f"(+ {metrics_lib.TENSORBOARD_DIR}/), plot {plot}",
                 flush=True,
             )
-    return TrainResult(step=step, eval=final_eval, workdir=workdir, preempted=preempted)
+    return TrainResult(step=step, eval=final_eval, workdir=workdir, preempted=preempted, model=model)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _close(data_iter: Any) -> None:
+    """Stop the iterator's grain worker processes now (``data.worker_count > 0``) rather than at garbage collection."""
+    close = getattr(data_iter, "close", None)
+    if close is not None:
+        close()
 
 
 def _fmt(values: dict[str, Any]) -> str:
@@ -383,71 +446,3 @@ def _fmt(values: dict[str, Any]) -> str:
 def _data_name(cfg: ExperimentConfig) -> str:
     d = cfg.data
     return d.task.name if isinstance(d, SyntheticDataConfig) else f"text(seq_len={d.seq_len})"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Trained runs: evaluation and generation from a workdir
-# ---------------------------------------------------------------------------------------------------------------
-def load_experiment(workdir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, ExperimentConfig]:
-    path = os.path.join(os.fspath(workdir), CONFIG_FILE)
-    if not os.path.exists(path):
-        raise ValueError(f"workdir {os.fspath(workdir)!r} has no {CONFIG_FILE} (was it written by `lcjax train`?)")
-    with open(path) as f:
-        config = config_from_json(f.read())
-    return config, ExperimentConfig.from_config(config)
-
-
-def restore_trained(workdir: str | os.PathLike, *, single_device: bool = False):
-    """``(cfg, mesh, rules, model, step)``: the model of the latest readable checkpoint in ``workdir``, on the
-    run's mesh, or replicated on one device (``single_device``; orbax reshards on restore)."""
-    _, cfg = load_experiment(workdir)
-    if single_device:
-        mesh, rules = sharding.make_mesh(devices=jax.devices()[:1]), sharding.ShardingRules.single()
-    else:
-        mesh, rules = state_lib.build_mesh(cfg.mesh), cfg.rules
-    model = state_lib.create_model(cfg.model, cfg.seed, mesh, rules)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(os.fspath(workdir), CHECKPOINT_DIR), keep=cfg.keep_checkpoints)
-    try:
-        step, _ = ckpt.restore_latest(model=model)
-    finally:
-        ckpt.close()
-    if step is None:
-        raise ValueError(f"workdir {os.fspath(workdir)!r} holds no checkpoint")
-    return cfg, mesh, rules, model, step
-
-
-def evaluate_workdir(workdir: str | os.PathLike) -> dict[str, Any]:
-    """The held-out evaluation of the latest checkpoint in ``workdir`` (``lcjax eval``)."""
-    cfg, mesh, rules, model, step = restore_trained(workdir)
-    cfg.check_data_parallel(state_lib.data_parallel_size(mesh, rules))
-    _, eval_ds = make_datasets(cfg)
-    eval_fn = functools.partial(eval_step, text=cfg.data.kind == "text", rules=rules)
-    with sharding.use(mesh, rules):
-        result = evaluate(model, eval_ds, eval_fn, batch_placer(cfg, mesh, rules), text=cfg.data.kind == "text")
-    return dict(step=step, **result)
-
-
-def generate_workdir(
-    workdir: str | os.PathLike, prompt_tokens: list[int], *, max_new_tokens: int, temperature: float = 0.0,
-    seed: int = 0,
-) -> tuple[ExperimentConfig, list[int]]:  # fmt: skip
-    """Continue one prompt with the latest checkpoint's model (``lcjax generate``); returns the new token ids.
-
-    Runs on one device with replicated parameters: one prompt has no batch to shard, and the LM's KV-cache
-    update does not yet accept a batch sharded over a mesh axis (``ShardingTypeError`` in ``dynamic_update_slice``).
-    """
-    from lcjax.models.lm import generate
-
-    cfg, mesh, rules, model, _ = restore_trained(workdir, single_device=True)
-    if not prompt_tokens:
-        raise ValueError("generate: the prompt is empty")
-    bad = [t for t in prompt_tokens if not 0 <= t < cfg.model.vocab_size]
-    if bad:
-        raise ValueError(f"generate: prompt token ids {bad[:5]} outside [0, vocab_size={cfg.model.vocab_size})")
-    with sharding.use(mesh, rules):
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        prompt = jax.device_put(np.asarray([prompt_tokens], np.int32), replicated)
-        rng = jax.random.key(seed)
-        out = generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng)
-    return cfg, [int(t) for t in np.asarray(jax.device_get(out))[0]]
-

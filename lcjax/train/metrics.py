@@ -3,7 +3,13 @@
 Every record is one JSON line in ``<workdir>/metrics.jsonl``: ``{"step": int, "split": "train" | "eval", ...}``,
 mirrored as TensorBoard scalars ``<split>/<name>`` under ``<workdir>/tensorboard``. On resume from step ``s`` the
 records after ``s`` (written by the interrupted run past its last checkpoint) are dropped, so the file and the plot
-describe one consistent history. Only process 0 writes.
+describe one consistent history; a step has at most one eval record (a rerun of a finished run replaces it). Only
+process 0 writes.
+
+Crash safety: records are appended one line at a time, so a power loss can tear only the last line; readers skip a
+torn last line with a ``TornMetricsWarning`` naming the file (any other unreadable line is a ``ValueError`` naming
+the file and line). Whole-file rewrites (on resume) go through a temporary file and ``os.replace``, so the file is
+always either the old or the new history.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,17 +29,44 @@ PLOT_FILE = "metrics.png"
 TENSORBOARD_DIR = "tensorboard"
 
 
+class TornMetricsWarning(UserWarning):
+    """The last line of metrics.jsonl was cut short (the writer died mid-line); it was skipped."""
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of ``<workdir>/metrics.jsonl`` (empty when there is none)."""
-    path = os.path.join(workdir, METRICS_FILE)
+    """All records of ``<workdir>/metrics.jsonl`` (empty when there is none); a torn last line is skipped with a
+    ``TornMetricsWarning``."""
+    path = os.path.join(os.fspath(workdir), METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # no newline after it: the last write was cut short
+                warnings.warn(f"{path}: skipped its torn last line {line[:80]!r} ({e})", TornMetricsWarning)
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record ({e}): {line[:80]!r}") from None
+    return records
+
+
+def _write_atomically(path: str, records: list[dict[str, Any]]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class MetricsWriter:
-    """Appends records to ``metrics.jsonl`` and TensorBoard (process 0 only)."""
+    """Appends records to ``metrics.jsonl`` and TensorBoard (process 0 only). A second eval record for a step
+    replaces the first (so rerunning a finished run keeps one final eval)."""
 
     def __init__(self, workdir: str | os.PathLike, *, resume_step: int = 0):
         self.workdir = os.fspath(workdir)
@@ -41,9 +75,9 @@ class MetricsWriter:
         self._tb = None
         if not self.enabled:
             return
-        kept = [r for r in read_metrics(self.workdir) if r["step"] <= resume_step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._records = [r for r in read_metrics(self.workdir) if r["step"] <= resume_step]
+        self._eval_steps = {r["step"] for r in self._records if r["split"] == "eval"}
+        _write_atomically(self.path, self._records)
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR), purge_step=resume_step + 1)
@@ -53,8 +87,15 @@ class MetricsWriter:
             return
         record = {"step": int(step), "split": split, "time": time.time()}
         record |= {k: _to_python(v) for k, v in values.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if split == "eval" and step in self._eval_steps:  # replace, not append: one eval record per step
+            self._records = [r for r in self._records if not (r["step"] == step and r["split"] == "eval")]
+            _write_atomically(self.path, self._records + [record])
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self._records.append(record)
+        if split == "eval":
+            self._eval_steps.add(int(step))
         for k, v in record.items():
             if k not in ("step", "split", "time") and isinstance(v, (int, float)) and math.isfinite(v):
                 self._tb.add_scalar(f"{split}/{k}", v, step)

@@ -84,23 +84,28 @@ def optimizer_for(cfg: ExperimentConfig) -> tuple[optax.Schedule, optax.Gradient
     return schedule, make_optimizer(cfg.optim, schedule)
 
 
-# The rules are a static argument so that the jit cache tells rule sets apart: ``nnx.logical_axis_rules`` is not
-# part of jax's cache key (the mesh is).
-@functools.partial(jax.jit, static_argnames=("model_cfg", "seed", "rules"))
-def _init_model(*, model_cfg: LMConfig, seed: int, rules: sharding.ShardingRules) -> LM:
+# ``sharding.jit``: the active ShardingRules key the compilation (``nnx.logical_axis_rules`` is not part of jax's
+# cache key; the mesh is), so the same config under another rule set is traced again.
+@sharding.jit(static_argnames=("model_cfg", "seed"))
+def _init_model(*, model_cfg: LMConfig, seed: int) -> LM:
     return LM(model_cfg, rngs=nnx.Rngs(seed))
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "seed", "tx", "rules"))
-def _init_train_state(*, model_cfg: LMConfig, seed: int, tx: optax.GradientTransformation, rules):
+@sharding.jit(static_argnames=("model_cfg", "seed", "tx"))
+def _init_train_state(*, model_cfg: LMConfig, seed: int, tx: optax.GradientTransformation):
     model = LM(model_cfg, rngs=nnx.Rngs(seed))
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+@sharding.jit(static_argnames=("tx", "wrt"))
+def _init_optimizer(model: nnx.Module, *, tx: optax.GradientTransformation, wrt) -> nnx.Optimizer:
+    return nnx.Optimizer(model, tx, wrt=wrt)
 
 
 def create_model(model_cfg: LMConfig, seed: int, mesh: jax.sharding.Mesh, rules: sharding.ShardingRules) -> LM:
     """The model alone, born sharded (for eval / generate)."""
     with sharding.use(mesh, rules):
-        return _init_model(model_cfg=model_cfg, seed=seed, rules=rules)
+        return _init_model(model_cfg=model_cfg, seed=seed)
 
 
 def create_train_state(
@@ -108,4 +113,12 @@ def create_train_state(
 ) -> tuple[LM, nnx.Optimizer]:
     """``(model, optimizer)`` created inside ``jax.jit`` under the mesh: parameters and moments born sharded."""
     with sharding.use(mesh, rules):
-        return _init_train_state(model_cfg=cfg.model, seed=cfg.seed, tx=tx, rules=rules)
+        return _init_train_state(model_cfg=cfg.model, seed=cfg.seed, tx=tx)
+
+
+def create_optimizer(
+    model: nnx.Module, tx: optax.GradientTransformation, wrt, mesh: jax.sharding.Mesh, rules: sharding.ShardingRules
+) -> nnx.Optimizer:
+    """The optimizer of an already-built ``model`` over its ``wrt`` variables, moments sharded like them."""
+    with sharding.use(mesh, rules):
+        return _init_optimizer(model, tx=tx, wrt=wrt)

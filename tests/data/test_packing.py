@@ -114,3 +114,18 @@ def test_bad_inputs():
         _stream([np.zeros((2, 3), np.int32)], 4)
     with pytest.raises(ValueError, match="seq_len"):
         pack_layout([3], 0)
+
+
+def test_token_ids_and_arguments_are_checked():
+    # ids outside [0, vocab_size) fail where the packer reads the document, naming it (not clamped by the model)
+    bad = grain.MapDataset.source([np.array([1, 2, 12])]).to_iter_dataset()
+    with pytest.raises(ValueError, match=r"packed document: token ids must be in \[0, vocab_size=10\)"):
+        next(iter(PackIterDataset(bad, seq_len=4, pad_id=0, vocab_size=10)))
+    with pytest.raises(ValueError, match="packed document"):
+        PackedRows([np.array([-1, 2, 3])], lambda d: d, seq_len=4, pad_id=0, vocab_size=10)
+    with pytest.raises(ValueError, match="PackIterDataset: pad_id=10"):
+        PackIterDataset(bad, seq_len=4, pad_id=10, vocab_size=10)
+    with pytest.raises(TypeError, match="PackIterDataset: seq_len"):  # a bool is not an int
+        PackIterDataset(bad, seq_len=True, pad_id=0)
+    with pytest.raises(TypeError, match="pack_layout: seq_len must be an int"):
+        pack_layout([3], False)

@@ -209,3 +209,46 @@ def test_worker_processes_give_the_same_batches(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+class _BadIds(Toy):
+    def __getitem__(self, i):
+        ex = super().__getitem__(i)
+        ex["targets"][-1] = 99  # out of range for vocab_size=10
+        return ex
+
+
+def test_token_ids_are_checked_against_the_vocab():
+    with pytest.raises(ValueError, match=r"batched_dataset: targets: token ids must be in \[0, vocab_size=10\)"):
+        next(iter(batched_dataset(_BadIds(4), global_batch_size=2, vocab_size=10, **ONE)))
+    assert ids(next(iter(batched_dataset(_BadIds(4), global_batch_size=2, **ONE)))) == [0, 1]  # no vocab: unchecked
+    with pytest.raises(ValueError, match="batched_dataset: inputs"):
+        next(iter(batched_dataset(Toy(12), global_batch_size=12, vocab_size=10, **ONE)))  # example 11: id 11
+
+
+class _Ragged(Toy):
+    def __getitem__(self, i):
+        return dict(super().__getitem__(i), loss_mask=np.ones(self.L + 1, bool))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, field",
+    [  # a bool passes an `int` annotation, so lcjax.checks catches it; other wrong types meet the suite's beartype
+        # hook first (a TypeError naming the parameter too), and lcjax.checks outside the tests
+        (dict(global_batch_size=True), TypeError, "batched_dataset: global_batch_size must be an int, got True"),
+        (dict(global_batch_size=2, seed=True), TypeError, "batched_dataset: seed must be an int"),
+        (dict(global_batch_size=2, num_epochs=True), TypeError, "batched_dataset: num_epochs must be an int"),
+        (dict(global_batch_size=2.0), TypeError, "global_batch_size"),
+        (dict(global_batch_size=2, shuffle="yes"), TypeError, "shuffle"),
+        (dict(global_batch_size=2, drop_remainder=0), TypeError, "drop_remainder"),
+        (dict(global_batch_size=2, vocab_size=0), ValueError, "batched_dataset: vocab_size=0 is out of range"),
+    ],
+)
+def test_wrong_argument_types_raise_naming_them(kwargs, error, field):
+    with pytest.raises(error, match=field):
+        batched_dataset(Toy(10), **{**ONE, **kwargs})
+
+
+def test_ragged_examples_raise():
+    with pytest.raises(ValueError, match="must have one shape"):
+        next(iter(batched_dataset(_Ragged(4), global_batch_size=2, **ONE)))

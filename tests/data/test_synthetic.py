@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lcjax.checks import require_int
 from lcjax.data import synthetic
 from lcjax.data.synthetic import (
     PASSKEY_MARKER,
@@ -193,8 +194,8 @@ def test_wrong_type_raises_naming_the_field(make, field):
     # (jaxtyping.TypeCheckError, a TypeError), which names the parameter as well.
     with pytest.raises((ValueError, TypeError), match=field):
         make()
-    with pytest.raises(ValueError, match="seq_len"):
-        synthetic._check_int("seq_len", 64.0, 4)
+    with pytest.raises(TypeError, match="seq_len"):  # the checker the configs use (lcjax.checks): a float is no int
+        require_int("MQARConfig.seq_len", 64.0, min=4)
 
 
 def test_make_task_and_names():
@@ -219,3 +220,22 @@ def test_accuracy_counts():
 def test_generate_rejects_unknown_task():
     with pytest.raises((ValueError, TypeError), match="task"):
         synthetic.generate(object(), 0, seed=0)
+
+
+@pytest.mark.parametrize("make, field", [(lambda: MQARConfig(seq_len=True), "MQARConfig.seq_len"),
+                                         (lambda: PasskeyConfig(vocab_size=True), "PasskeyConfig.vocab_size"),
+                                         (lambda: generate(MQARConfig(), True, seed=0), "index")])  # fmt: skip
+def test_bools_are_not_ints(make, field):
+    with pytest.raises(TypeError, match=field):  # bool passes an `int` annotation, so lcjax.checks must catch it
+        make()
+
+
+def test_generated_ids_are_checked_against_the_task_vocab(monkeypatch):
+    def broken(cfg, rng):
+        ex = synthetic.mqar_example(cfg, rng)
+        ex["targets"][0] = cfg.vocab_size
+        return ex
+
+    monkeypatch.setitem(synthetic._GENERATORS, MQARConfig, broken)
+    with pytest.raises(ValueError, match=r"generate\(mqar_.*\): targets: token ids must be in \[0, vocab_size=8192\)"):
+        generate(MQARConfig(), 0, seed=0)

@@ -166,3 +166,19 @@ def test_text_pipeline_checks():
 class _NoSpecials(ByteTokenizer):
     def encode(self, text, *, add_bos=False, add_eos=False):
         return super().encode(text, add_bos=False, add_eos=False)
+
+
+class _OutOfVocab(ByteTokenizer):
+    def encode(self, text, *, add_bos=True, add_eos=True):
+        return np.append(super().encode(text), self.vocab_size)  # one id past the vocabulary
+
+
+def test_tokenizer_output_is_checked_against_its_vocab():
+    docs = [b"abc", b"def"]
+    match = r"_OutOfVocab.encode: token ids must be in \[0, vocab_size=259\)"
+    with pytest.raises(ValueError, match=match):
+        next(iter(packed_text_dataset(docs, seq_len=8, global_batch_size=1, tokenizer=_OutOfVocab(), **ONE)))
+    with pytest.raises(ValueError, match=match):
+        packed_text_eval_dataset(docs, seq_len=8, global_batch_size=1, tokenizer=_OutOfVocab(), **ONE)
+    with pytest.raises(TypeError, match="packed_text_dataset: seq_len must be an int"):  # a bool is not an int
+        packed_text_dataset(docs, seq_len=True, global_batch_size=1, **ONE)

@@ -101,7 +101,7 @@ def test_config_field():
 
 # ---- Mamba-2 LM ---------------------------------------------------------------------------------------------------
 M2_CFG = LMConfig(vocab_size=48, d_model=16, n_layers=1, block_pattern=("mamba2",), max_seq_len=64,
-                  mamba2=Mamba2Config(d_model=16, d_state=4, head_dim=8, n_groups=2, chunk_size=4))  # fmt: skip
+                  mixers={"mamba2": Mamba2Config(d_model=16, d_state=4, head_dim=8, n_groups=2, chunk_size=4)})  # fmt: skip
 M2_L = 40  # no model dimension is 40, so a gathered sequence would show in the compiled per-device shapes
 
 

@@ -18,8 +18,9 @@ from jax.sharding import PartitionSpec as P
 from lcjax import sharding
 from lcjax.layers.mamba2 import Mamba2, Mamba2Config, Mamba2State
 from lcjax.ops import ssd as ssd_ops
+from lcjax.ops import ssd_context_parallel as ssd_cp
 from lcjax.ops.conv import causal_conv1d
-from lcjax.ops.ssd_context_parallel import causal_conv1d_context_parallel, conv_halo, ssd_context_parallel
+from lcjax.ops.ssd_context_parallel import causal_conv1d_context_parallel, conv_halo
 from tests.tolerances import F32_SHARDED
 
 B, L, H, Pd, G, N = 2, 32, 4, 3, 2, 5
@@ -53,21 +54,24 @@ def one_device(x, dt, A, B_, C, D, S0, seq, *, impl, with_seq, with_s0):
                        seq_idx_BL=seq if with_seq else None, impl=impl)
 
 
-def sharded(x, dt, A, B_, C, D, S0, seq, *, mesh, with_seq, with_s0, dispatch=False):
+def ssd_context_parallel(*args, **kwargs):
+    """The per-shard state passing (call inside shard_map), reached through the one SSD entry point."""
+    return ssd_ops.ssd(*args, impl="context_parallel", **kwargs)
+
+
+def sharded(x, dt, A, B_, C, D, S0, seq, *, mesh, with_seq, with_s0):
     sp, rep = P(None, "ctx"), P()
-    op = ssd_context_parallel if not dispatch else lambda *a, **kw: ssd_ops.ssd(*a, impl="context_parallel", **kw)
 
     def local(x, dt, A, B_, C, D, S0, seq):
-        return op(x, dt, A, B_, C, axis_name="ctx", chunk_size=4, D_H=D, initial_state_BHPN=S0 if with_s0 else None,
-                  seq_idx_BL=seq if with_seq else None)
+        return ssd_context_parallel(x, dt, A, B_, C, axis_name="ctx", chunk_size=4, D_H=D,
+                                    initial_state_BHPN=S0 if with_s0 else None, seq_idx_BL=seq if with_seq else None)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(sp, sp, rep, sp, sp, rep, rep, sp), out_specs=(sp, rep),
                          check_vma=False)(x, dt, A, B_, C, D, S0, seq)
 
 
-@pytest.mark.parametrize("n,with_seq,with_s0,impl,dispatch", [(4, True, True, "chunked", False),
-                                                               (8, False, False, "naive", True)])  # fmt: skip
-def test_ssd_context_parallel_equals_one_device(n, with_seq, with_s0, impl, dispatch):
+@pytest.mark.parametrize("n,with_seq,with_s0,impl", [(4, True, True, "chunked"), (8, False, False, "naive")])
+def test_ssd_context_parallel_equals_one_device(n, with_seq, with_s0, impl):
     a = ssd_inputs(n)
     seq = jnp.asarray(SEQ)
     want = _grads(one_device, {k: jnp.asarray(v) for k, v in a.items()}, seq, impl=impl, with_seq=with_seq,
@@ -77,8 +81,7 @@ def test_ssd_context_parallel_equals_one_device(n, with_seq, with_s0, impl, disp
     with jax.set_mesh(mesh):
         put = {k: jax.device_put(v, sp if v.ndim >= 3 and v.shape[1] == L else NamedSharding(mesh, P()))
                for k, v in a.items()}  # fmt: skip
-        got = _grads(sharded, put, jax.device_put(seq, sp), mesh=mesh, with_seq=with_seq, with_s0=with_s0,
-                     dispatch=dispatch)  # fmt: skip
+        got = _grads(sharded, put, jax.device_put(seq, sp), mesh=mesh, with_seq=with_seq, with_s0=with_s0)
     for name, g, w in zip(("y", "final", "dx", "ddt", "dA", "dB", "dC", "dD", "dS0"), got, want):
         if name == "dS0" and not with_s0:
             continue
@@ -158,6 +161,30 @@ def test_bad_inputs():
     with sharding.use(sharding.make_mesh(context=8), sharding.ShardingRules.context_parallel()):
         with pytest.raises(ValueError, match="divisible by the context-parallel size 8"):
             causal_conv1d_context_parallel(a["x"][:, :12], jnp.ones((4, H, Pd)), channel_names=("act_heads", None))
+
+
+def test_sequence_axis_rule_and_sharded_entry_checks():
+    """When a mixer call runs sequence-parallel (no compile: the decision and the argument checks only)."""
+    a = {k: jnp.asarray(v) for k, v in ssd_inputs().items()}
+    inputs = ssd_ops.SSDInputs(a["x"][:, :12], a["dt"][:, :12], a["A"], a["B"][:, :12], a["C"][:, :12], chunk_size=4)
+    assert ssd_cp.sequence_axis(40, conv_width=4) is None  # no mesh
+    with sharding.use(sharding.make_mesh(context=8), sharding.ShardingRules.context_parallel()):
+        assert ssd_cp.sequence_axis(40, conv_width=4) == "act_seq"
+        assert ssd_cp.sequence_axis(36, conv_width=4) is None  # L not divisible by 8
+        assert ssd_cp.sequence_axis(16, conv_width=4) is None  # shards of 2 < d_conv - 1
+        assert ssd_cp.sequence_axis(1, conv_width=4) is None  # a decoding step
+        assert ssd_cp.sequence_axis(40, conv_width=4, state_clipping=True) is None
+        with pytest.raises(ValueError, match="divisible by the context-parallel size 8"):
+            ssd_cp.ssd_sharded(inputs, seq="act_seq")
+        with pytest.raises(ValueError, match="ssd_sharded: seq='act_batch' is not allowed"):
+            ssd_cp.ssd_sharded(inputs, seq="act_batch")
+        with pytest.raises(ValueError, match="ssd_sharded: impl='fast' is not allowed"):
+            ssd_cp.ssd_sharded(inputs, impl="fast")
+    with sharding.use(sharding.make_mesh(data=2, context=4), sharding.ShardingRules.context_parallel()):
+        with pytest.raises(ValueError, match="max_state_norm_H"):
+            ssd_cp.ssd_sharded(inputs._replace(max_state_norm_H=jnp.ones(H)), seq="act_seq")
+    with pytest.raises(TypeError, match="conv_width"):  # the suite's beartype hook, or lcjax.checks without it
+        ssd_cp.sequence_axis(40, conv_width=4.0)
 
 
 # ---- the Mamba2 layer -------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_generate_under_a_mesh_equals_one_device(pattern):
     from lcjax.layers.monarch_mixer import M2SequenceMixerConfig
     from lcjax.models.lm import generate
 
-    extra = dict(m2=M2SequenceMixerConfig.causal(32, 256)) if "m2" in pattern else {}
+    extra = dict(mixers={"m2": M2SequenceMixerConfig.causal(32, 256)}) if "m2" in pattern else {}
     cfg = LMConfig.tiny(attn_impl="reference", block_pattern=pattern, **extra)
     prompt = jnp.asarray(np.random.default_rng(1).integers(0, 128, (4, 5)), jnp.int32)
     ref = generate(jax.jit(lambda: LM(cfg, rngs=nnx.Rngs(0)))(), prompt, max_new_tokens=4)

@@ -51,7 +51,7 @@ def bert_mixer():
 @pytest.fixture(scope="module")
 def causal_mixers():
     """(a) and (b) with the same draws; (b) also with a random (non-monomial) basis."""
-    cfg = mm.M2SequenceMixerConfig.causal(D, 16, residual_long_conv=True, filter_order=8, max_segments=3)
+    cfg = mm.M2SequenceMixerConfig.causal(D, 16, residual_long_conv=True, filter_order=8, segments_per_pass=3)
     a = build(mm.CausalM2Mixer, cfg)
     b = build(mm.CausalM2Mixer, dataclasses.replace(cfg, long_conv="causal_monarch"))
     return {"fft": a, "causal_monarch_zero": b, "causal_monarch": with_random_basis(b)}
@@ -131,21 +131,54 @@ def test_causal_monarch_zero_basis_is_the_fft_form(causal_mixers):
     assert np.max(np.abs(run(causal_mixers["causal_monarch"], x) - a)) > 1e-3
 
 
+def alone_outputs(mixer, x, docs):
+    """Each ``(row, lo, hi)`` document of ``x`` run alone from position 0 (right zero-padding is exact: causal)."""
+    L = x.shape[1]
+    return run(mixer, jnp.stack([jnp.pad(x[r, lo:hi], ((0, L - hi + lo), (0, 0))) for r, lo, hi in docs]))
+
+
 @pytest.mark.parametrize("variant", ["fft", "causal_monarch"])
 def test_packed_documents_equal_separate_runs(variant, causal_mixers):
     mixer = causal_mixers[variant]
     x = jax.random.normal(jax.random.key(3), (2, 14, D))
-    seg = jnp.array([[4] * 5 + [9] * 6 + [4] * 3, [-1] * 3 + [0] * 8 + [-1] * 3])  # ids may repeat; -1 = padding
+    seg = jnp.array([[1] * 5 + [2] * 6 + [3] * 3, [0] * 3 + [7] * 8 + [0] * 3])  # 0 = padding
     y = run(mixer, x, segment_ids_BL=seg)
     docs = [(0, 0, 5), (0, 5, 11), (0, 11, 14), (1, 3, 11)]
-    alone = jnp.stack([jnp.pad(x[r, lo:hi], ((0, 14 - hi + lo), (0, 0))) for r, lo, hi in docs])
-    alone = run(mixer, alone)  # each document alone from position 0 (right zero-padding is exact: causal)
+    alone = alone_outputs(mixer, x, docs)
     for i, (row, lo, hi) in enumerate(docs):
         np.testing.assert_allclose(y[row, lo:hi], alone[i, : hi - lo], **F32_MODULE)
     np.testing.assert_array_equal(y[1, :3], 0.0)
     np.testing.assert_array_equal(y[1, 11:], 0.0)
-    out = run(clone(mixer, max_segments=2), x, segment_ids_BL=seg)  # a third document does not fit:
-    assert np.all(np.isnan(out[0, 11:])) and np.all(np.isfinite(out[0, :11])) and np.all(np.isfinite(out[1]))
+    out = run(clone(mixer, segments_per_pass=2), x, segment_ids_BL=seg)  # three documents, two per pass
+    np.testing.assert_allclose(out, y, **F32_MODULE)
+
+
+@pytest.mark.parametrize("variant", ["fft", "causal_monarch"])
+def test_more_documents_than_one_pass_holds(variant, causal_mixers):
+    """The pipeline's layout (1, 2, 3, ... then 0 padding) with 7 documents, 2 per pass: exact, padding inert."""
+    mixer = clone(causal_mixers[variant], segments_per_pass=2)
+    x = jax.random.normal(jax.random.key(4), (2, 14, D))
+    seg = jnp.array([[1, 1, 2, 3, 3, 3, 4, 5, 5, 6, 7, 7, 0, 0], [1] * 10 + [0] * 4])
+    docs = [(0, 0, 2), (0, 2, 3), (0, 3, 6), (0, 6, 7), (0, 7, 9), (0, 9, 10), (0, 10, 12), (1, 0, 10)]
+    y = run(mixer, x, segment_ids_BL=seg)
+    junk = run(mixer, jnp.where((seg == 0)[..., None], 1e3, x), segment_ids_BL=seg)  # padding inputs never matter
+    np.testing.assert_array_equal(junk, y)
+    assert np.all(np.isfinite(y))
+    alone = alone_outputs(mixer, x, docs)
+    for i, (row, lo, hi) in enumerate(docs):
+        np.testing.assert_allclose(y[row, lo:hi], alone[i, : hi - lo], **F32_MODULE)
+    np.testing.assert_array_equal(y[0, 12:], 0.0)
+    np.testing.assert_array_equal(y[1, 10:], 0.0)
+
+
+def test_segment_ids_are_checked(causal_mixers):
+    mixer, x = causal_mixers["fft"], jnp.zeros((1, 6, D))
+    with pytest.raises(ValueError, match="CausalM2Mixer: segment_ids_BL: segment ids must be >= 0"):
+        mixer(x, segment_ids_BL=jnp.array([[1, 1, 1, -1, -1, -1]]))
+    with pytest.raises(ValueError, match="CausalM2Mixer: segment_ids_BL: row 0 reuses segment id 1 after a different"):
+        mixer(x, segment_ids_BL=jnp.array([[1, 1, 2, 2, 1, 0]]))
+    with pytest.raises(ValueError, match="segments_per_pass"):
+        mm.M2SequenceMixerConfig.causal(D, 16, segments_per_pass=0)
 
 
 def test_dimension_mixer_structure():

@@ -64,14 +64,18 @@ def inputs(rng, Bsz=2, L=11, D=16):
 
 
 @pytest.mark.parametrize(
-    "field,kwargs",
-    [("head_dim", dict(head_dim=12)), ("n_groups", dict(n_groups=3)), ("chunk_size", dict(chunk_size=0)),
-     ("d_model", dict(d_model=-1)), ("dt_limit", dict(dt_limit=(0.1, 0.1))), ("dt_min", dict(dt_min=0.0)),
-     ("A_init_range", dict(A_init_range=(0.0, 2.0))), ("impl", dict(impl="fast")), ("norm_eps", dict(norm_eps=0.0)),
-     ("d_state", dict(d_state=True))],
+    "field,kwargs,error",
+    [("head_dim", dict(head_dim=12), ValueError), ("n_groups", dict(n_groups=3), ValueError),
+     ("chunk_size", dict(chunk_size=0), ValueError), ("d_model", dict(d_model=-1), ValueError),
+     ("dt_limit", dict(dt_limit=(0.1, 0.1)), ValueError), ("dt_min", dict(dt_min=0.0), ValueError),
+     ("A_init_range", dict(A_init_range=(0.0, 2.0)), ValueError), ("impl", dict(impl="fast"), ValueError),
+     ("norm_eps", dict(norm_eps=0.0), ValueError),
+     # a wrong Python type is a TypeError (lcjax.checks; for "no" the suite's beartype hook fires first)
+     ("d_state", dict(d_state=True), TypeError), ("rmsnorm", dict(rmsnorm="no"), TypeError),
+     ("norm_eps", dict(norm_eps=float("nan")), ValueError)],
 )  # fmt: skip
-def test_config_validation(field, kwargs):
-    with pytest.raises(ValueError, match=field):
+def test_config_validation(field, kwargs, error):
+    with pytest.raises(error, match=field):
         dataclasses.replace(TINY, **kwargs)
     with pytest.raises(ValueError, match="decay_mult"):
         LongContextConfig(decay_mult=1.5)
@@ -151,12 +155,32 @@ def test_packed_equals_separate_runs(rng):
         np.testing.assert_allclose(a, b, **F32_MODULE)
 
 
+def test_padding_run_is_its_own_document(rng):
+    """Segment ids [1, 1, 2, 0, 0]: the padding run (0) is a run of its own, so doc 2's output is that of doc 2 run
+    alone and does not depend on the padding (nor does the padding see doc 2's state: its output is the padding run
+    alone). A padding run first, [0, 0, 1, 1, 1], does not leak into the document after it either."""
+    m = make_mixer()
+    x = inputs(rng, Bsz=2, L=5)
+    seq = jnp.asarray([[1, 1, 2, 0, 0], [0, 0, 1, 1, 1]], jnp.int32)
+    y, _ = forward(m, x, seq, None)
+    other_padding = x.at[0, 3:].set(7.0).at[1, :2].set(-3.0)
+    y_other, _ = forward(m, other_padding, seq, None)
+    alone = lambda b, sl: forward(m, x[b : b + 1, sl], None, None)[0][0]  # noqa: E731
+    np.testing.assert_allclose(y[0, 2:3], alone(0, slice(2, 3)), **F32_MODULE)  # doc 2 == doc 2 alone
+    np.testing.assert_allclose(y_other[0, :3], y[0, :3], **EXACT)  # docs 1, 2 do not depend on the padding
+    np.testing.assert_allclose(y[0, 3:], alone(0, slice(3, 5)), **F32_MODULE)  # padding: its own run
+    np.testing.assert_allclose(y[1, 2:], alone(1, slice(2, 5)), **F32_MODULE)
+    np.testing.assert_allclose(y_other[1, 2:], y[1, 2:], **F32_MODULE)
+
+
 def test_bad_call_inputs_raise(rng):
     m = make_mixer()
     with pytest.raises(ValueError, match="d_model"):
         m(jnp.zeros((1, 3, 8)))
     with pytest.raises(ValueError, match="seq_idx_BL"):
         m(jnp.zeros((1, 3, 16)), seq_idx_BL=jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="Mamba2: seq_idx_BL: segment ids must be >= 0"):
+        m(jnp.zeros((1, 3, 16)), seq_idx_BL=jnp.asarray([[1, -1, -1]], jnp.int32))
     with pytest.raises(ValueError, match="calibrate_long_context"):
         m.calibrate_long_context(jnp.zeros((1, 3, 16)))
 

@@ -7,7 +7,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -16,6 +15,8 @@ from lcjax.layers.beacon import BeaconConfig, BeaconParam, chunk_layout
 from lcjax.models import beacon as beacon_lib
 from lcjax.models.lm import LM, LMConfig, sample_logits
 from lcjax.train import beacon as train_lib
+from lcjax.train import loop, metrics
+from lcjax.train.config import ExperimentConfig, MeshConfig, OptimConfig, SyntheticDataConfig
 from tests.tolerances import EXACT, F32_MODULE, F32_SHARDED
 
 V, W = 64, 8
@@ -308,18 +309,54 @@ def test_loss_is_mean_cross_entropy_of_raw_tokens(base):
     assert metrics["tokens"] == mask.sum()
 
 
-def test_training_changes_beacon_params_only(base):
-    m = make(base, train_ratios=(2, 4, 8), ratio_mix="step_random")
-    before = {p: np.array(v[...]) for p, v in nnx.state(m, nnx.Param).flat_state()}
+def _copy(module):
+    """Own copies of every array: the trainer donates the model, and ``make`` shares the module-wide ``base``."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+def beacon_run_config(steps=3):
+    """A ``lcjax train`` experiment on 24-token passkey rows; ``model`` describes the base (``LM_CFG``)."""
     task = data.PasskeyConfig(seq_len=24, num_digits=2, vocab_size=V)
-    train, _ = data.synthetic_datasets(task, global_batch_size=2, num_train=16, num_validation=2)
-    m, history = train_lib.train_beacons(m, train, steps=3, tx=optax.adamw(1e-2, weight_decay=0.1))
+    return ExperimentConfig(
+        model=LM_CFG, data=SyntheticDataConfig(task=task, num_train=16, num_validation=2), batch_size=2,
+        eval_batch_size=2, num_steps=steps, optim=OptimConfig(learning_rate=1e-2, warmup_steps=0, final_lr_fraction=1.0),
+        mesh=MeshConfig(num_devices=1), log_every=1, eval_every=0, checkpoint_every=0, progress_bar=False,
+    )  # fmt: skip
+
+
+def test_training_changes_beacon_params_only(base, tmp_path):
+    """Beacon-only training is the one trainer (``lcjax.train.loop.train``) with ``BeaconLoss``: the beacon
+    parameters move, every base parameter stays bitwise, and weight decay never reaches a base weight."""
+    m = _copy(make(base, train_ratios=(2, 4, 8), ratio_mix="step_random"))
+    before = {p: np.array(v[...]) for p, v in nnx.state(m, nnx.Param).flat_state()}
+    result = loop.train(beacon_run_config(), str(tmp_path), model=m, objective=train_lib.BeaconLoss())
+    history = [r for r in metrics.read_metrics(str(tmp_path)) if r["split"] == "train"]
     assert len(history) == 3 and all(np.isfinite(h["loss"]) for h in history)
-    for path, v in nnx.state(m, nnx.Param).flat_state():
+    assert np.isfinite(result.eval["loss"])
+    for path, v in nnx.state(result.model, nnx.Param).flat_state():
         if _is_beacon(path):
             assert not np.array_equal(np.asarray(v[...]), before[path]), path
         else:
             np.testing.assert_allclose(np.asarray(v[...]), before[path], **EXACT, err_msg=str(path))
+
+
+def test_beacon_objective_is_the_beacon_loss_at_ratios_drawn_from_the_step_key(base):
+    """What the loop's step differentiates: ``BeaconLoss`` = ``beacon_loss`` at ``sample_ratios(key)`` (training)
+    and at ``BeaconConfig.ratio`` (evaluation, ``rng=None``), as a (sum, count) pair."""
+    m = make(base, train_ratios=(2, 4), ratio_mix="step_random")
+    t = toks((2, 21), seed=11)
+    batch = dict(inputs=t[:, :-1], targets=t[:, 1:], loss_mask=np.ones((2, 20), bool),
+                 segment_ids=np.ones((2, 20), np.int32))  # fmt: skip
+    key = jax.random.key(3)
+    objective = jax.jit(lambda m, b, k: train_lib.BeaconLoss()(m, b, k))
+    total, count = objective(m, batch, key)
+    ratios = train_lib.sample_ratios(m.cfg, key, jnp.full((2,), 20, jnp.int32), 3)
+    assert count == 40 and len(set(np.asarray(ratios).ravel().tolist())) > 1
+    np.testing.assert_allclose(total / count, jax.jit(train_lib.beacon_loss)(m, batch, ratios)[0], **F32_MODULE)
+    logits = jax.jit(lambda m, b: train_lib.BeaconLoss().logits(m, b, None))(m, batch)
+    np.testing.assert_allclose(logits, forward(m, t[:, :-1], np.full(2, 20, np.int32), np.full((2, 3), 2, np.int32)),
+                               **EXACT)  # fmt: skip
 
 
 def test_sample_ratios_mixes():
@@ -361,3 +398,18 @@ def test_sharded_loss_and_grads_equal_single_device():
     np.testing.assert_allclose(loss_n, loss_1, **F32_SHARDED)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **F32_SHARDED),
                  nnx.state(grads_n, nnx.Param), nnx.state(grads_1, nnx.Param))  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme", ["interleave", "step_expansion"])
+def test_forward_with_the_batch_sharded_equals_one_device(base, scheme):
+    """Both schemes run with the batch sharded over ``data`` on an Explicit mesh (step-expansion once raised a
+    ShardingTypeError in its position/mask selects) and give the single-device logits."""
+    m = make(base, scheme=scheme)
+    t = toks((8, 19), seed=3)
+    lengths = np.array([19, 7, 19, 12, 19, 19, 3, 19], np.int32)
+    ratios = np.full((8, 3), 2, np.int32)
+    want = np.asarray(forward(m, t, lengths, ratios))
+    with sharding.use(sharding.make_mesh(data=8), sharding.ShardingRules.dp()):
+        got = np.asarray(forward(m, t, lengths, ratios))
+    valid = np.arange(19)[None] < lengths[:, None]
+    np.testing.assert_allclose(got[valid], want[valid], **F32_SHARDED)

@@ -140,6 +140,10 @@ def test_config_validation_and_lengths():
     model = jax.eval_shape(lambda: M2Bert(M2BertConfig.tiny(), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(jnp.zeros((1, 17), jnp.int32))
+    with pytest.raises(ValueError, match=r"M2Bert: input_ids_BL: token ids must be in \[0, vocab_size=64\)"):
+        model(jnp.full((1, 4), 64, jnp.int32))
+    with pytest.raises(ValueError, match="M2BertConfig.pad_token_id=64 is out of range"):
+        M2BertConfig.tiny(pad_token_id=64)
 
 
 def test_padding_never_changes_the_embedding(tiny_sd):
@@ -154,3 +158,9 @@ def test_padding_never_changes_the_embedding(tiny_sd):
     h = jax.random.normal(jax.random.key(1), (2, 4, 3))
     np.testing.assert_allclose(mean_pool(h, jnp.array([[1, 1, 0, 0], [1, 1, 1, 1]])),
                                np.stack([h[0, :2].mean(0), h[1].mean(0)]), **F32_MODULE)  # fmt: skip
+
+
+def test_import_rejects_a_bare_string_ignore(tiny_sd):
+    # ignore="classifier." would be iterated letter by letter and skip every key starting with c, l, a, s, i, f, ...
+    with pytest.raises(TypeError, match="ignore"):
+        m2_bert_from_state_dict(tiny_sd, ignore="classifier.")

@@ -19,7 +19,7 @@ from tolerances import F32_MODULE, F32_OP, F32_SHARDED
 
 MIXER = Mamba2Config(d_model=16, d_state=4, head_dim=4, n_groups=2, chunk_size=4)  # 8 heads
 HYBRID = LMConfig(vocab_size=48, d_model=16, n_layers=3, n_heads=2, mlp_dim=24, block_pattern=("mamba2", "mamba2",
-                  "attention"), mamba2=MIXER, attn_impl="reference")  # fmt: skip
+                  "attention"), mixers={"mamba2": MIXER}, attn_impl="reference")  # fmt: skip
 apply = jax.jit(lambda m, t, **kw: m(t, **kw))
 
 
@@ -63,9 +63,9 @@ def tokens(shape, seed=0):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="mamba2"):
-        dataclasses.replace(HYBRID, mamba2=None)
-    with pytest.raises(ValueError, match="mamba2.d_model"):
-        dataclasses.replace(HYBRID, mamba2=dataclasses.replace(MIXER, d_model=32))
+        dataclasses.replace(HYBRID, mixers={})
+    with pytest.raises(ValueError, match=r"mixers\['mamba2'\].d_model"):
+        dataclasses.replace(HYBRID, mixers={"mamba2": dataclasses.replace(MIXER, d_model=32)})
     with pytest.raises(ValueError, match="mamba2_preset"):
         LMConfig.mamba2_preset("1b")
     assert "mamba2" in lm_lib.BLOCK_TYPES
@@ -80,7 +80,7 @@ PRESET_COUNTS = {"130m": 128_989_632, "370m": 368_346_624, "780m": 780_161_280, 
 @pytest.mark.parametrize("name", PRESET_COUNTS)
 def test_preset_parameter_counts_under_eval_shape(name):
     cfg = LMConfig.mamba2_preset(name, scan_layers=True)  # one stacked block: cheap to trace
-    m = cfg.mamba2
+    m = cfg.mixers["mamba2"]
     D, E, H, N, G, W = m.d_model, m.d_inner, m.num_heads, m.d_state, m.n_groups, m.d_conv
     per_layer = D * (2 * E + 2 * G * N + H) + (E + 2 * G * N) * (W + 1) + 3 * H + E + E * D + D
     assert lm_lib.param_count(cfg) == PRESET_COUNTS[name] == 50_288 * D + D + cfg.n_layers * per_layer
@@ -161,8 +161,8 @@ def test_scan_layers_equals_unrolled():
 
 def test_train_step_sharded_equals_unsharded():
     """fsdp x tensor: heads over ``tensor``, batch and the ``embed`` axis over ``fsdp``; loss and every gradient."""
-    cfg = dataclasses.replace(HYBRID, n_layers=2, block_pattern=("mamba2",),
-                              mamba2=dataclasses.replace(MIXER, n_groups=1))  # G = 1 < 2 head shards; fmt: skip
+    mixer = dataclasses.replace(MIXER, n_groups=1)  # G = 1 < 2 head shards
+    cfg = dataclasses.replace(HYBRID, n_layers=2, block_pattern=("mamba2",), mixers={"mamba2": mixer})
     rng = np.random.default_rng(0)
     toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 11)), jnp.int32)
     seg = jnp.asarray(np.repeat([[0] * 6 + [1] * 5], 4, axis=0), jnp.int32)

@@ -3,6 +3,7 @@ interpret mode, decoding with a cache, lse merging, memory of the backward pass,
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -181,19 +182,39 @@ def test_dispatcher_impls_agree(name, impl, rng):
     _assert_lse_close(lse, lse_r, F32_OP)
 
 
-def test_select_impl_rules():
-    common = dict(P=64, dtype=jnp.bfloat16, causal=True, window=None, custom_positions=False, segment_ids=False,
-                  return_lse=False)
-    assert A.select_impl(L=1, S=4096, backend="gpu", **common) is A.Impl.REFERENCE  # decoding
-    assert A.select_impl(L=1024, S=1024, backend="gpu", **common) is A.Impl.CUDNN
-    assert A.select_impl(L=1024, S=1024, backend="tpu", **common) is A.Impl.SPLASH
-    assert A.select_impl(L=1024, S=1024, backend="cpu", **common) is A.Impl.BLOCKWISE
-    assert A.select_impl(L=1000, S=1000, backend="tpu", **common) is A.Impl.BLOCKWISE  # not a multiple of 128
+def test_resolve_impl_rules():
+    common = dict(head_dim=64, dtype=jnp.bfloat16, causal=True, window=None, custom_positions=False,
+                  segment_ids=False, return_lse=False)
+    auto = lambda L, S, backend, **kw: A.resolve_impl("auto", q_len=L, kv_len=S, backend=backend, **{**common, **kw})
+    assert auto(1, 4096, "gpu") is A.Impl.REFERENCE  # decoding
+    assert auto(1024, 1024, "gpu") is A.Impl.CUDNN
+    assert auto(1024, 1024, "tpu") is A.Impl.SPLASH
+    assert auto(1024, 1024, "cpu") is A.Impl.BLOCKWISE
+    assert auto(1000, 1000, "tpu") is A.Impl.BLOCKWISE  # not a multiple of 128
     for change in (dict(custom_positions=True), dict(return_lse=True), dict(segment_ids=True),
-                   dict(dtype=jnp.float32), dict(causal=False, window=64), dict(P=256)):
-        assert A.select_impl(L=1024, S=1024, backend="gpu", **{**common, **change}) is A.Impl.BLOCKWISE, change
-    assert A.select_impl(L=1024, S=1024, backend="tpu", **{**common, "segment_ids": True}) is A.Impl.SPLASH
-    assert A.select_impl(L=1024, S=1024, backend="tpu", **{**common, "return_lse": True}) is A.Impl.BLOCKWISE
+                   dict(dtype=jnp.float32), dict(causal=False, window=64), dict(head_dim=256)):
+        assert auto(1024, 1024, "gpu", **change) is A.Impl.BLOCKWISE, change
+    assert auto(1024, 1024, "tpu", segment_ids=True) is A.Impl.SPLASH
+    assert auto(1024, 1024, "tpu", return_lse=True) is A.Impl.BLOCKWISE
+    # an explicit impl is returned as given when it can run here, and refused (ValueError) when it cannot
+    explicit = lambda impl, backend, **kw: A.resolve_impl(impl, q_len=1024, kv_len=1024, backend=backend,
+                                                          **{**common, **kw})
+    assert explicit("cudnn", "gpu") is A.Impl.CUDNN and explicit("blockwise", "gpu") is A.Impl.BLOCKWISE
+    assert explicit(A.Impl.SPLASH, "tpu") is A.Impl.SPLASH and explicit("splash_interpret", "cpu")
+    with pytest.raises(ValueError, match="impl='splash' needs a TPU; the backend here is 'gpu'"):
+        explicit("splash", "gpu")
+    assert A.available_impls("cpu") == ("auto", "reference", "blockwise", "xla", "splash_interpret")
+
+
+def test_cudnn_on_cpu_names_the_impls_available_here():
+    if jax.default_backend() == "gpu":
+        pytest.skip("cuDNN runs here")
+    here = jax.default_backend()
+    message = (f"impl='cudnn' needs a GPU (cuDNN); the backend here is '{here}'. Implementations available here: "
+               f"{', '.join(repr(i.value) for i in A.available_impls())}")
+    q = jnp.zeros((1, 8, 2, 8))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        A.dot_product_attention(q, q, q, impl="cudnn")
 
 
 def test_causal_tiles_are_skipped(rng):
@@ -237,14 +258,13 @@ def test_merge_and_split_kv_kernels_equal_full_attention(rng):
 
     @jax.jit
     def split_kv(q, k, v, qp, kp, qs, ks):
-        mk = dict(causal=True, window=None, scale=q.shape[-1] ** -0.5, block_q=8, block_kv=8)
+        mk = dict(causal=True, window=None, block_q=8, block_kv=8)
         halves = (slice(0, cut), slice(cut, None))
-        parts = [AB.blockwise_fwd(q, k[:, h], v[:, h], q_positions=qp, kv_positions=kp[:, h], q_segment_ids=qs,
-                                  kv_segment_ids=ks[:, h], **mk) for h in halves]
+        chunk = lambda h: masks.AttentionInputs(qp, kp[:, h], qs, ks[:, h], q.shape[-1] ** -0.5)
+        parts = [AB.blockwise_fwd(q, k[:, h], v[:, h], chunk(h), **mk) for h in halves]
         out, lse = AB.merge_attention(*parts[0], *parts[1])
         delta = jnp.sum(dout * out, -1) - dlse
-        grads = [AB.blockwise_bwd(q, k[:, h], v[:, h], dout, lse, delta, q_positions=qp, kv_positions=kp[:, h],
-                                  q_segment_ids=qs, kv_segment_ids=ks[:, h], **mk) for h in halves]
+        grads = [AB.blockwise_bwd(q, k[:, h], v[:, h], dout, lse, delta, chunk(h), **mk) for h in halves]
         dq = grads[0][0] + grads[1][0]
         return out, lse, (dq, *(jnp.concatenate([g[i] for g in grads], 1) for i in (1, 2)))
 
@@ -401,7 +421,7 @@ BAD_INPUTS = {  # name: (arguments, text the message must contain, rejected by t
     "scale_nan": (_bad(scale=float("nan")), "scale must be a finite", False),
     "block_q_zero": (_bad(impl="blockwise", block_q=0), "block_q must be a positive int", False),
     "block_kv_negative": (_bad(impl="blockwise", block_kv=-1), "block_kv must be a positive int", False),
-    "unknown_impl": (_bad(impl="flash3"), "impl must be one of", False),
+    "unknown_impl": (_bad(impl="flash3"), "impl='flash3' is not allowed; allowed: 'auto'", False),
     "splash_positions": (_bad(impl="splash_interpret", q_positions=jnp.zeros((1, 8), jnp.int32)),
                          "supports only default positions", False),
     "splash_length": (_bad(impl="splash_interpret"), "multiples of 128", False),

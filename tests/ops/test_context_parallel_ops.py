@@ -66,8 +66,10 @@ def test_layout_errors():
         cp.permutation(12, 5, "striped")
     with pytest.raises(ValueError, match="layout must be one of"):
         cp.permutation(16, 4, "diagonal")
-    with pytest.raises(ValueError, match="n must be a positive int"):
+    with pytest.raises(ValueError, match="permutation: n=0 is out of range; allowed: >= 1"):
         cp.permutation(16, 0, "contiguous")
+    with pytest.raises(TypeError, match="permutation: n must be an int"):  # lcjax.checks: True is not an int
+        cp.permutation(16, True, "contiguous")
     with pytest.raises(ValueError, match="same length"):
         cp.apply_layout({"a": np.zeros((2, 8)), "b": np.zeros((2, 4))}, n=2, layout="zigzag")
     with pytest.raises(ValueError, match="length axis"):

@@ -326,31 +326,46 @@ def test_causal_conv_gradients_match_autodiff_of_a_dense_definition(rng):
 
 # ---- validation ---------------------------------------------------------------------------------------------------
 def _bad_cases():
+    """(field, args, kwargs, error): ValueError for a bad value, TypeError for a wrong Python type (lcjax.checks)."""
     ok = lambda: make_inputs(np.random.default_rng(0), Bsz=1, L=5, H=4, P=2, G=2, N=3)
     cases = []
     x, dt, A, B, C = ok()
-    cases.append(("x_BLHP", (x[0], dt, A, B, C), {}))
-    cases.append(("dt_BLH", (x, dt[:, :4], A, B, C), {}))
-    cases.append(("A_H", (x, dt, A[:3], B, C), {}))
-    cases.append(("C_BLGN", (x, dt, A, B, C[..., :2]), {}))
+    cases.append(("x_BLHP", (x[0], dt, A, B, C), {}, ValueError))
+    cases.append(("dt_BLH", (x, dt[:, :4], A, B, C), {}, ValueError))
+    cases.append(("A_H", (x, dt, A[:3], B, C), {}, ValueError))
+    cases.append(("C_BLGN", (x, dt, A, B, C[..., :2]), {}, ValueError))
     B3, C3 = (jnp.concatenate([a, a[:, :, :1]], axis=2) for a in (B, C))
-    cases.append(("groups", (x, dt, A, B3, C3), {}))
-    cases.append(("chunk_size", (x, dt, A, B, C), dict(chunk_size=0)))
-    cases.append(("chunk_size", (x, dt, A, B, C), dict(chunk_size=2.0)))
-    cases.append(("x_BLHP", (x.astype(jnp.int32), dt, A, B, C), {}))
-    cases.append(("D_H", (x, dt, A, B, C), dict(D_H=jnp.ones((3,)))))
-    cases.append(("initial_state_BHPN", (x, dt, A, B, C), dict(initial_state_BHPN=jnp.ones((1, 4, 2, 2)))))
-    cases.append(("seq_idx_BL", (x, dt, A, B, C), dict(seq_idx_BL=jnp.zeros((1, 5), jnp.float32))))
-    cases.append(("seq_idx_BL", (x, dt, A, B, C), dict(seq_idx_BL=jnp.zeros((1, 4), jnp.int32))))
-    cases.append(("impl", (x, dt, A, B, C), dict(impl="fast")))
+    cases.append(("groups", (x, dt, A, B3, C3), {}, ValueError))
+    cases.append(("chunk_size", (x, dt, A, B, C), dict(chunk_size=0), ValueError))
+    cases.append(("chunk_size", (x, dt, A, B, C), dict(chunk_size=2.0), TypeError))
+    cases.append(("x_BLHP", (x.astype(jnp.int32), dt, A, B, C), {}, ValueError))
+    cases.append(("D_H", (x, dt, A, B, C), dict(D_H=jnp.ones((3,))), ValueError))
+    cases.append(("initial_state_BHPN", (x, dt, A, B, C), dict(initial_state_BHPN=jnp.ones((1, 4, 2, 2))), ValueError))
+    cases.append(("seq_idx_BL", (x, dt, A, B, C), dict(seq_idx_BL=jnp.zeros((1, 5), jnp.float32)), ValueError))
+    cases.append(("seq_idx_BL", (x, dt, A, B, C), dict(seq_idx_BL=jnp.zeros((1, 4), jnp.int32)), ValueError))
+    cases.append(("impl", (x, dt, A, B, C), dict(impl="fast"), ValueError))
     return cases
 
 
-@pytest.mark.parametrize("field,args,kwargs", _bad_cases(), ids=lambda v: v if isinstance(v, str) else "")
-def test_bad_inputs_raise_value_error_naming_the_field(field, args, kwargs):
+@pytest.mark.parametrize("field,args,kwargs,error", _bad_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_inputs_raise_value_error_naming_the_field(field, args, kwargs, error):
     kwargs = dict(chunk_size=4) | kwargs
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(error, match=field):
         ssd_ops.ssd(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(impl="fast"), "impl='fast' is not allowed; allowed: 'naive', 'chunked', 'context_parallel'"),
+    (dict(impl=3), "impl=3 is not allowed"),
+    (dict(impl="context_parallel", axis_name=7), "ssd: axis_name=7 is not allowed; allowed: a mesh axis name"),
+    (dict(impl="context_parallel", axis_name=("context", 3)), r"ssd: axis_name=\('context', 3\) is not allowed"),
+    (dict(impl="context_parallel", axis_name=()), r"ssd: axis_name=\(\) is not allowed"),
+    (dict(impl="naive", axis_name="context"), "axis_name='context': only impl='context_parallel' takes a mesh axis"),
+])  # fmt: skip
+def test_bad_impl_or_axis_name_names_it(kwargs, message):
+    x, dt, A, B, C = make_inputs(np.random.default_rng(0), Bsz=1, L=5, H=4, P=2, G=2, N=3)
+    with pytest.raises(ValueError, match=message):
+        ssd_ops.ssd(x, dt, A, B, C, chunk_size=4, **kwargs)
 
 
 def test_conv_bad_inputs():

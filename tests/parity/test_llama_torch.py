@@ -164,3 +164,127 @@ def test_unsupported_hf_configs_raise():
         convert.config_from_hf(dict(hf_llama().config.to_dict(), rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
     with pytest.raises(ValueError, match="missing keys"):
         convert.llama_from_state_dict({}, convert.config_from_hf(hf_llama().config))
+
+
+# ---- config keys and checkpoint directories: every bad input names what is wrong --------------------------------
+TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+
+
+def _write_dir(path, config: dict, weights: dict | None = None):
+    """A checkpoint directory: ``config`` as config.json, tiny Llama weights as model.safetensors."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    if weights is None:
+        weights = {k: v.numpy() for k, v in hf_llama().state_dict().items()}
+    save_file(weights, str(path / "model.safetensors"))
+    return path
+
+
+def test_other_families_raise_naming_the_key(tmp_path):
+    from transformers import MistralConfig, Qwen2Config
+
+    mistral = _write_dir(tmp_path / "mistral", MistralConfig(**TINY, sliding_window=16).to_dict())
+    with pytest.raises(ValueError, match=r"mistral/config.json: .*model_type='mistral' is not supported "
+                                         r"\(supported: 'llama'\); sliding_window=16 \(allowed: None"):
+        convert.llama_from_pretrained_dir(mistral)
+    qwen = _write_dir(tmp_path / "qwen", Qwen2Config(**TINY).to_dict())
+    with pytest.raises(ValueError, match=r"model_type='qwen2' is not supported \(supported: 'llama'\)"):
+        convert.llama_from_pretrained_dir(str(qwen))
+    no_type = {k: v for k, v in LlamaConfig(**TINY).to_dict().items() if k != "model_type"}
+    with pytest.raises(ValueError, match=r"model_type is missing \(supported: 'llama'\)"):
+        convert.config_from_hf(no_type)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(sliding_window=8), r"sliding_window=8 \(allowed: None"),  # Mistral's key under model_type llama
+        (dict(attention_dropout=0.1), r"attention_dropout=0.1 \(allowed: 0.0, None"),
+        (dict(quantization_config={"quant_method": "gptq"}), r"quantization_config=.*does not know"),
+        (dict(auto_map={"AutoModel": "x.Y"}), "auto_map"),
+        (dict(pruned_heads={"0": [1]}), "pruned_heads"),
+        (dict(tie_word_embeddings="no"), "hf_config.tie_word_embeddings must be a bool"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0}), r"rope_type='yarn' is not implemented"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
+         "partial_rotary_factor"),
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "factor": 2.0}), "factor"),
+        (dict(vocab_size=True), "LMConfig.vocab_size must be an int, got True"),
+    ],
+)
+def test_unimplemented_config_keys_raise(change, match):
+    config = LlamaConfig(**TINY).to_dict() | change
+    with pytest.raises((ValueError, TypeError), match=match):
+        convert.config_from_hf(config)
+
+
+def test_missing_required_fields_raise():
+    with pytest.raises(ValueError, match=r"missing required Llama fields \['intermediate_size'\]"):
+        convert.config_from_hf({k: v for k, v in LlamaConfig(**TINY).to_dict().items() if k != "intermediate_size"})
+
+
+@pytest.mark.parametrize("legacy", [
+    {"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 5e5},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+    {"rope_scaling": None, "rope_theta": 123.0},
+])  # fmt: skip
+def test_legacy_rope_keys_are_read_as_transformers_reads_them(legacy):
+    """4.x config.json files carry rope_theta / rope_scaling; the result equals transformers' own standardisation."""
+    config = {k: v for k, v in LlamaConfig(**TINY).to_dict().items() if k != "rope_parameters"} | legacy
+    want = rope_ops.rope_config_from_hf(LlamaConfig.from_dict(config).rope_parameters)
+    assert convert.config_from_hf(config).rope == want
+
+
+def test_harmless_keys_load():
+    """pretraining_tp only slices the matmuls (transformers 5.23 ignores it); generation defaults, dtype, ids."""
+    base = convert.config_from_hf(LlamaConfig(**TINY))
+    extra = dict(pretraining_tp=2, torch_dtype="bfloat16", temperature=0.7, pad_token_id=0, use_cache=False)
+    assert convert.config_from_hf(LlamaConfig(**TINY).to_dict() | extra) == base
+
+
+def test_checkpoint_directory_errors_name_the_file(tmp_path):
+    from safetensors.numpy import save_file
+
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=r"llama_from_pretrained_dir: checkpoint directory .*nope' does not "
+                                                r"exist"):  # fmt: skip
+        convert.llama_from_pretrained_dir(missing)
+    good = _write_dir(tmp_path / "good", LlamaConfig(**TINY).to_dict())
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        convert.llama_from_pretrained_dir(good / "config.json")
+    (good / "config.json").rename(good / "other.json")
+    with pytest.raises(FileNotFoundError, match=r"good/config.json' does not exist"):
+        convert.llama_from_pretrained_dir(good)
+    (good / "other.json").write_text("{not json")
+    (good / "other.json").rename(good / "config.json")
+    with pytest.raises(ValueError, match=r"good/config.json' is not valid JSON"):
+        convert.llama_from_pretrained_dir(good)
+
+    corrupt = _write_dir(tmp_path / "corrupt", LlamaConfig(**TINY).to_dict())
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"cannot read '.*corrupt/model.safetensors' \(corrupt or truncated"):
+        convert.llama_from_pretrained_dir(corrupt)
+    data = (good / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])  # a torn download
+    with pytest.raises(ValueError, match=r"cannot read '.*corrupt/model.safetensors'"):
+        convert.llama_from_pretrained_dir(corrupt)
+
+    sharded = _write_dir(tmp_path / "sharded", LlamaConfig(**TINY).to_dict(), {"lm_head.weight": np.zeros((101, 32))})
+    save_file({"lm_head.weight": np.zeros((101, 32))}, str(sharded / "model-2.safetensors"))
+    with pytest.raises(ValueError, match=r"tensor 'lm_head.weight' is stored in both"):
+        convert.llama_from_pretrained_dir(sharded)
+    (sharded / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-3-of-3.safetensors"}}')
+    with pytest.raises(ValueError, match=r"lists shards that are not in .*\['model-3-of-3.safetensors'\]"):
+        convert.llama_from_pretrained_dir(sharded)
+
+
+def test_windowed_model_does_not_export_as_llama():
+    import dataclasses
+
+    cfg = dataclasses.replace(convert.config_from_hf(LlamaConfig(**TINY)), window=8)
+    with pytest.raises(ValueError, match="cfg.window=8 has no Llama equivalent"):
+        convert.config_to_hf(cfg)

@@ -13,7 +13,7 @@ from transformers import Mamba2Config as HFMamba2Config
 from transformers import Mamba2ForCausalLM
 
 from lcjax.convert.mamba2 import (config_from_hf, config_to_hf, mamba2_from_hf, mamba2_from_pretrained_dir,
-                                  mamba2_from_state_dict, mamba2_to_state_dict)  # fmt: skip
+                                  mamba2_from_state_dict, mamba2_to_state_dict, mixer_config_from_hf)  # fmt: skip
 from lcjax.models import lm as lm_lib
 from tolerances import EXACT, F32_GRAD_REL, F32_MODULE, max_rel_err
 
@@ -171,3 +171,44 @@ def test_pretrained_dir_and_bad_state_dicts(tmp_path):
     with pytest.raises(ValueError, match="required fields"):
         config_from_hf({"hidden_size": 32})
     assert lm_lib.param_count(cfg) == sum(p.numel() for p in hf.parameters())
+
+
+# ---- config keys: every key is mapped, harmless, or refused by name ----------------------------------------------
+TINY = dict(vocab_size=V, hidden_size=32, expand=2, head_dim=8, num_heads=8, state_size=8, conv_kernel=4,
+            chunk_size=8, num_hidden_layers=2, n_groups=2)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(model_type="mamba"), r"model_type='mamba' is not supported \(supported: 'mamba2'\)"),
+        (dict(hidden_act="gelu"), r"hidden_act='gelu' \(allowed: 'silu'"),
+        (dict(norm_before_gate=True), r"norm_before_gate=True \(allowed: False"),  # a mamba_ssm option HF lacks
+        (dict(rms_norm=False), r"rms_norm=False \(allowed: True"),  # a 4.x key
+        (dict(attention_layer_indices=[1]), r"attention_layer_indices=\[1\] \(a key .* does not know"),  # hybrids
+        (dict(use_conv_bias="yes"), "hf_config.use_conv_bias must be a bool"),
+        (dict(tie_word_embeddings=1), "hf_config.tie_word_embeddings must be a bool"),
+    ],
+)
+def test_unimplemented_config_keys_raise(change, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        config_from_hf(HFMamba2Config(**TINY).to_dict() | change)
+
+
+def test_config_key_checks_cover_dicts_objects_and_directories(tmp_path):
+    import json
+
+    base = config_from_hf(HFMamba2Config(**TINY))
+    harmless = dict(residual_in_fp32=False, rescale_prenorm_residual=True, time_step_rank=3, initializer_range=0.5,
+                    intermediate_size=14336, torch_dtype="float16", pad_token_id=0)  # fmt: skip
+    assert config_from_hf(HFMamba2Config(**TINY).to_dict() | harmless) == base
+    with pytest.raises(ValueError, match="missing required fields \\['model_type'\\]"):
+        config_from_hf({k: v for k, v in HFMamba2Config(**TINY).to_dict().items() if k != "model_type"})
+    with pytest.raises(ValueError, match="hidden_act='relu'"):
+        mixer_config_from_hf(HFMamba2Config(**TINY, hidden_act="relu"))
+    hf = hf_model()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"model_type": "falcon_h1"}))
+    with pytest.raises(ValueError, match=r"mamba2_from_pretrained_dir: .*config.json: .*model_type='falcon_h1'"):
+        mamba2_from_pretrained_dir(tmp_path)

@@ -60,6 +60,20 @@ def test_errors_name_the_problem(trained, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+def test_user_errors_exit_2_with_one_line_naming_the_problem(trained, capsys):
+    """A misspelt key after valid ones, a config file that does not exist, prompt ids outside the vocabulary."""
+    argv = ["train", "--config", SMOKE, "--workdir", "/tmp/unused", "--config.num_steps=3", "--config.optim.lr=1"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith("lcjax train: error: unknown config key 'config.optim.lr'")
+    assert cli.main(["train", "--config", "configs/nope.py", "--workdir", "/tmp/unused"]) == 2
+    err = capsys.readouterr().err
+    assert "config file 'configs/nope.py' does not exist" in err and "Traceback" not in err
+    for prompt in ("3 20 32", "-1 3"):
+        assert cli.main(["generate", "--workdir", trained, "--prompt", prompt]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lcjax generate: error: --prompt: token ids must be in [0, vocab_size=32)"), err
+
+
 def test_python_dash_m_lcjax_train_help():
     out = subprocess.run(
         [sys.executable, "-m", "lcjax.train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -1,5 +1,6 @@
 """Experiment configs: variants, command-line overrides, typed validation naming the bad field."""
 
+import dataclasses
 import glob
 import os
 import re
@@ -8,7 +9,10 @@ import pytest
 
 from lcjax.models.lm import LMConfig
 from lcjax.train import config as config_lib
-from lcjax.train.config import ExperimentConfig, parse_arg, parse_flags
+from lcjax.train import config_io
+from lcjax.train.command import parse_flags
+from lcjax.train.config import ExperimentConfig, OptimConfig
+from lcjax.train.config_io import parse_arg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,14 +29,15 @@ MQAR = os.path.join(ROOT, "configs", "mqar.py")
 
 
 def _mqar(arg="smoke"):
-    return config_lib.load_config_file(MQAR, arg)
+    return config_io.load_config_file(MQAR, arg)
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
 @pytest.mark.parametrize("variant", [None, "smoke"])
 def test_every_config_file_validates_and_documents_its_command(path, variant):
-    cfg = ExperimentConfig.from_config(config_lib.load_config_file(path, variant))
-    assert isinstance(cfg.model, LMConfig)
+    cfg = config_io.load_config_file(path, variant)
+    assert isinstance(cfg, ExperimentConfig) and isinstance(cfg.model, LMConfig)
+    assert config_lib.config_from_json(config_lib.config_to_json(cfg)) == cfg  # config.json restores it
     with open(path) as f:
         text = f.read()
     assert os.path.basename(path) in text.split('"""')[1], "the docstring gives the command"
@@ -44,9 +49,9 @@ def test_the_trainer_configs_are_found():
 
 
 def test_default_config_is_the_mqar_job():
-    cfg = ExperimentConfig.from_config(config_lib.load_config_file(os.path.join(ROOT, "configs", "default.py")))
+    cfg = config_io.load_config_file(os.path.join(ROOT, "configs", "default.py"))
     assert cfg.data.task.name == "mqar_L64_K4_V64_a0.01_zeros"
-    assert cfg.model.block_pattern == ("mamba2",) and cfg.model.mamba2.d_state == 64
+    assert cfg.model.block_pattern == ("mamba2",) and cfg.model.mixers["mamba2"].d_state == 64
     assert (cfg.num_steps, cfg.optim.learning_rate) == (1000, 0.02)
 
 
@@ -64,21 +69,20 @@ def test_parse_arg_types_and_flags():
 
 
 def test_variants_reach_the_typed_config():
-    cfg = ExperimentConfig.from_config(_mqar("seq=128,pairs=8,d=32,heads=4,batch=16,steps=7,lr=1e-3,mesh=fsdp"))
+    cfg = _mqar("seq=128,pairs=8,d=32,heads=4,batch=16,steps=7,lr=1e-3,mesh=fsdp")
     assert (cfg.data.task.seq_len, cfg.data.task.num_kv_pairs) == (128, 8)
     assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.max_seq_len) == (32, 4, 128)
     assert (cfg.batch_size, cfg.num_steps, cfg.optim.learning_rate, cfg.sharding) == (16, 7, 1e-3, "fsdp")
 
 
 def test_command_line_overrides_parse():
-    config, workdir, rest = parse_flags([
+    cfg, workdir, rest = parse_flags([
         "prog", f"--config={MQAR}:smoke", "--workdir=/tmp/x", "--config.optim.learning_rate=0.5",
         "--config.model.d_model=24", "--config.model.block_pattern=('attention', 'attention')",
         "--config.model.n_layers=2",
         "--config.model.n_kv_heads=1", "--config.data.task_args.num_kv_pairs=3", "--config.sharding=fsdp_tp",
     ])  # fmt: skip
     assert workdir == "/tmp/x" and rest == []
-    cfg = ExperimentConfig.from_config(config)
     assert cfg.optim.learning_rate == 0.5 and cfg.model.d_model == 24 and cfg.model.n_kv_heads == 1
     assert cfg.model.block_pattern == ("attention", "attention") and cfg.data.task.num_kv_pairs == 3
     assert cfg.sharding == "fsdp_tp"
@@ -130,27 +134,59 @@ def test_bad_values_raise_value_error_naming_the_field(path, value, field):
         node = node[p]
     node[leaf] = value
     with pytest.raises(ValueError, match=field.replace(".", r"\.").replace("(", r"\(")):
-        ExperimentConfig.from_config(d)
+        ExperimentConfig.from_dict(d)
 
 
 def test_batch_not_divisible_by_data_parallel_size_names_the_field():
-    cfg = ExperimentConfig.from_config(_mqar("batch=12"))
+    cfg = _mqar("batch=12")
     cfg.check_data_parallel(4)
     with pytest.raises(ValueError, match=r"config\.batch_size=12 must be divisible by the data-parallel size 8"):
         cfg.check_data_parallel(8)
-    cfg = ExperimentConfig.from_config(_mqar("batch=16").to_dict() | {"eval_batch_size": 12})
+    cfg = ExperimentConfig.from_dict(_mqar("batch=16").to_dict() | {"eval_batch_size": 12})
     with pytest.raises(ValueError, match=r"config\.eval_batch_size=12"):
         cfg.check_data_parallel(8)
 
 
 def test_text_config_requires_files():
-    d = config_lib.load_config_file(os.path.join(ROOT, "configs", "text_bytes.py"), "smoke").to_dict()
+    d = config_io.load_config_file(os.path.join(ROOT, "configs", "text_bytes.py"), "smoke").to_dict()
     del d["data"]["train_files"]
     with pytest.raises(ValueError, match=r"config\.data\.train_files: is required"):
-        ExperimentConfig.from_config(d)
+        ExperimentConfig.from_dict(d)
 
 
 def test_config_json_round_trip():
     config = _mqar()
     back = config_lib.config_from_json(config_lib.config_to_json(config))
-    assert ExperimentConfig.from_config(back) == ExperimentConfig.from_config(config)
+    assert back == config
+
+
+def test_a_misspelt_override_is_named_even_after_valid_ones():
+    with pytest.raises(ValueError, match=r"^unknown config key 'config\.optim\.learnin_rate'; allowed keys of config"):
+        parse_flags(["prog", f"--config={MQAR}:smoke", "--workdir=/tmp/x", "--config.num_steps=3",
+                     "--config.optim.learnin_rate=1"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"unknown config key 'config\.model\.mixers\.mamba2'"):
+        parse_flags(["prog", f"--config={MQAR}:smoke", "--workdir=/tmp/x", "--config.model.mixers.mamba2.d_state=8"])
+
+
+def test_a_missing_config_file_is_named():
+    with pytest.raises(ValueError, match=r"config file 'configs/nope\.py' does not exist"):
+        parse_flags(["prog", "--config=configs/nope.py:smoke", "--workdir=/tmp/x"])
+
+
+def test_overrides_reach_mixers_and_rederive_what_was_left_to_derive():
+    cfg, _, _ = parse_flags(["prog", f"--config={MQAR}:smoke,model=mamba2", "--workdir", "/tmp/x",
+                             "--config.model.mixers.mamba2.d_state", "32", "--config.progress_bar=false"])  # fmt: skip
+    assert cfg.model.mixers["mamba2"].d_state == 32 and cfg.progress_bar is False
+    base = _mqar()  # attention, d_model 16, 2 heads: head_dim 8 and n_kv_heads 2 were derived, not given
+    wider = config_io.override(base, {"model.d_model": 24, "model.n_heads": 3})
+    assert (wider.model.head_dim, wider.model.n_kv_heads) == (8, 3)
+    assert config_io.override(base, {"model.n_kv_heads": "1"}, from_text=True).model.n_kv_heads == 1
+
+
+def test_a_field_carries_its_own_check():
+    with pytest.raises(ValueError, match=r"config\.optim\.warmup_steps=-1 is out of range"):
+        OptimConfig(warmup_steps=-1)
+    with pytest.raises(TypeError, match="progress_bar"):  # the tests' beartype hook may speak first
+        dataclasses.replace(_mqar(), progress_bar="yes")
+    with pytest.raises(ValueError, match=r"config\.data\.num_train=0 is out of range; allowed: >= 1"):
+        config_io.override(_mqar(), {"data.num_train": 0})

@@ -16,27 +16,31 @@ Dimension key (lcjax/typing.py): B batch, L length, D model.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import ClassVar
 
 import jax.numpy as jnp
 from flax import nnx
 
 from lcjax import sharding
-from lcjax.layers.basic import RMSNorm
-from lcjax.layers.mamba2 import Mamba2, Mamba2State
+from lcjax.layers.mamba2 import Mamba2, Mamba2Config, Mamba2State
+from lcjax.models.blocks.common import BlockDims, check_mixer_width, make_norm
 from lcjax.typing import Array, Float, Int
-
-if TYPE_CHECKING:
-    from lcjax.models.lm import LMConfig
 
 
 class Mamba2Block(nnx.Module):
-    """Pre-norm residual Mamba-2 block; ``cfg.mamba2`` configures the mixer, ``cfg.norm_eps`` the block norm."""
+    """Pre-norm residual Mamba-2 block; ``mixer`` (a ``Mamba2Config``) configures the mixer. No MLP (``mlp_dim``
+    is unused), as upstream."""
 
-    def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs):
-        pd = jnp.dtype(cfg.param_dtype)
-        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd)
-        self.mixer = Mamba2(cfg.mamba2, param_dtype=pd, rngs=rngs)
+    mixer_config: ClassVar[type] = Mamba2Config
+
+    @staticmethod
+    def check(dims: BlockDims, mixer: Mamba2Config, *, max_seq_len: int, name: str) -> None:
+        del max_seq_len
+        check_mixer_width(name, mixer, dims)
+
+    def __init__(self, dims: BlockDims, mixer: Mamba2Config, *, rngs: nnx.Rngs):
+        self.norm = make_norm(dims)
+        self.mixer = Mamba2(mixer, param_dtype=jnp.dtype(dims.param_dtype), rngs=rngs)
 
     def __call__(
         self, x_BLD: Float[Array, "B L D"], *, positions_BL: Int[Array, "B L"] | None = None,
