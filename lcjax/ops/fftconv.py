@@ -28,7 +28,7 @@ Causality holds when (i) ``q_t`` has *order* ``t`` (its lowest monomial is ``Z^t
 ``i + j`` and, since ``{q_s}`` is order-graded (triangular), its expansion only touches ``q_s`` with
 ``s ≥ i + j``. So output ``s`` depends on ``u_i, k_j`` with ``i + j ≤ s`` only: a causal bilinear map, like a
 convolution. Degree-graded bases (``deg q_t = t``, the condition one might guess) are **not** enough:
-``q_1 = Z + a``, ``q_2 = Z² + bZ + c`` make output 0 depend on ``u_1`` (``tests/test_monarch_causal.py`` checks
+``q_1 = Z + a``, ``q_2 = Z² + bZ + c`` make output 0 depend on ``u_1`` (``tests/ops/test_monarch_causal.py`` checks
 such a counter-example numerically).
 
 In coefficient form: with ``A`` the (lower-triangular) matrix of monomial coefficients of the ``q_t``, and roots of

@@ -1,6 +1,6 @@
 """Activation Beacon: config validation, chunk layout, base-model invariants, streaming == one-shot, batching,
 memory bookkeeping, generation, beacon-only gradients and training (JAX only; the PyTorch references are in
-test_beacon_torch.py)."""
+tests/parity/test_beacon_torch.py)."""
 
 import dataclasses
 

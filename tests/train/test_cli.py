@@ -29,7 +29,7 @@ def test_help_lists_the_subcommands_and_override_syntax(capsys):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """``lcjax train`` in-process (the same smoke run as tests/test_train.py, so its compilations are reused)."""
+    """``lcjax train`` in-process (the same smoke run as tests/train/test_train.py, so its compilations are reused)."""
     workdir = str(tmp_path_factory.mktemp("cli") / "run")
     assert cli.main(["train", "--config", SMOKE, "--workdir", workdir, *QUIET]) == 0
     return workdir
