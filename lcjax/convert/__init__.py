@@ -1,6 +1,8 @@
 """HF transformers <-> lcjax weight maps (in-memory tensors or safetensors; never unpickle).
 
-Shared by the family loaders (``llama.py``, ``mamba2.py``): ``read_hf_dir`` reads a local checkpoint directory and
+``from_pretrained_dir(path)`` loads any supported checkpoint directory, picking the loader from ``model_type``
+(``LOADERS``: llama, mistral, qwen2, qwen3, phi3, mamba2). Shared by the family loaders (``llama.py``,
+``families.py``, ``mamba2.py``): ``read_hf_dir`` reads a local checkpoint directory and
 names the file at fault; ``check_hf_config`` refuses a config that lcjax would otherwise load as a different model.
 Each family classifies every key of its transformers 5.23 config once (its ``HF_KEYS``): *mapped* onto the lcjax
 config, *harmless* (never changes the forward pass: bookkeeping, tokenizer ids, init-only settings) or *restricted*
@@ -114,14 +116,8 @@ def hf_config_dict(hf_config: Any) -> dict[str, Any]:
     raise TypeError(f"hf_config must be an HF config object or a dict, got {type(hf_config).__name__}")
 
 
-def read_hf_dir(path: str | os.PathLike, *, caller: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(config.json as a dict, the merged state dict of every *.safetensors file)`` of a local HF checkpoint
-    directory, read without unpickling. Every error names ``caller`` and the path or file at fault: a missing
-    directory or ``config.json`` (``FileNotFoundError``), unreadable JSON or safetensors, no weights, a tensor in
-    two files, or a shard listed in ``model.safetensors.index.json`` but absent (``ValueError``)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+def read_hf_config(path: str | os.PathLike, *, caller: str) -> dict[str, Any]:
+    """``config.json`` of a local HF checkpoint directory as a dict (errors as in ``read_hf_dir``)."""
     if not isinstance(path, os.PathLike):
         require_str(f"{caller}: path", path)
     path = os.fspath(path)
@@ -140,6 +136,19 @@ def read_hf_dir(path: str | os.PathLike, *, caller: str) -> tuple[dict, dict[str
         raise ValueError(f"{caller}: {config_path!r} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise ValueError(f"{caller}: {config_path!r} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def read_hf_dir(path: str | os.PathLike, *, caller: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(config.json as a dict, the merged state dict of every *.safetensors file)`` of a local HF checkpoint
+    directory, read without unpickling. Every error names ``caller`` and the path or file at fault: a missing
+    directory or ``config.json`` (``FileNotFoundError``), unreadable JSON or safetensors, no weights, a tensor in
+    two files, or a shard listed in ``model.safetensors.index.json`` but absent (``ValueError``)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    config = read_hf_config(path, caller=caller)
+    path = os.fspath(path)
     files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     if not files:
         raise ValueError(f"{caller}: no *.safetensors files in {path!r}")
@@ -168,4 +177,33 @@ def read_hf_dir(path: str | os.PathLike, *, caller: str) -> tuple[dict, dict[str
     return config, state_dict
 
 
-__all__ = ["HFKeys", "check_hf_config", "hf_config_dict", "read_hf_dir"]
+# model_type -> (module, loader): what ``from_pretrained_dir`` dispatches to (modules imported on use: no cycle).
+LOADERS: dict[str, tuple[str, str]] = {
+    "llama": ("lcjax.convert.llama", "llama_from_pretrained_dir"),
+    "mistral": ("lcjax.convert.families", "from_pretrained_dir"),
+    "qwen2": ("lcjax.convert.families", "from_pretrained_dir"),
+    "qwen3": ("lcjax.convert.families", "from_pretrained_dir"),
+    "phi3": ("lcjax.convert.families", "from_pretrained_dir"),
+    "mamba2": ("lcjax.convert.mamba2", "mamba2_from_pretrained_dir"),
+    "bamba": ("lcjax.convert.bamba", "bamba_from_pretrained_dir"),
+}
+
+
+def from_pretrained_dir(path: str | os.PathLike, **overrides) -> Any:
+    """An ``lcjax.models.lm.LM`` from a local HF checkpoint directory, the family picked by ``config.json``'s
+    ``model_type`` (``LOADERS``); ``overrides`` are ``LMConfig`` fields. An unknown or missing ``model_type`` raises
+    ``ValueError`` naming it and the supported ones; the family's loader then checks every key."""
+    import importlib
+
+    config = read_hf_config(path, caller="from_pretrained_dir")
+    model_type = config.get("model_type")
+    if model_type not in LOADERS:
+        got = " is missing" if model_type is None else f"={model_type!r} is not supported"
+        raise ValueError(f"from_pretrained_dir: {os.path.join(os.fspath(path), 'config.json')}: model_type{got} "
+                         f"(supported: {', '.join(map(repr, LOADERS))})")  # fmt: skip
+    module, name = LOADERS[model_type]
+    return getattr(importlib.import_module(module), name)(path, **overrides)
+
+
+__all__ = ["LOADERS", "HFKeys", "check_hf_config", "from_pretrained_dir", "hf_config_dict", "read_hf_config",
+           "read_hf_dir"]  # fmt: skip

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from lcjax.checks import require_bool
-from lcjax.convert import HFKeys, check_hf_config, hf_config_dict, read_hf_dir
+from lcjax.convert import HFKeys, check_hf_config, hf_config, hf_config_dict, read_hf_dir
 from lcjax.models.lm import LM, LMConfig
 from lcjax.ops import rope as rope_ops
 
@@ -55,33 +55,21 @@ HF_KEYS = HFKeys(
         "sliding_window": "lcjax's Llama loader maps full causal attention only",
     },
 )  # fmt: skip
-_ROPE_KEYS = {  # rope_parameters keys read per rope_type (besides rope_type / type / rope_theta)
-    "default": frozenset(),
-    "linear": frozenset({"factor"}),
-    "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}),
-}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def _rope_config(c: Mapping[str, Any], where: str) -> rope_ops.RopeConfig:
-    """RoPE of a Llama config as transformers 5.23 standardises it (``convert_rope_params_to_dict``): a legacy
-    ``rope_scaling`` dict wins over ``rope_parameters``, a top-level ``rope_theta`` fills a missing theta, llama3's
-    ``original_max_position_embeddings`` defaults to ``max_position_embeddings``. Unread scaling keys are refused."""
-    params = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
-    params.setdefault("rope_theta", c.get("rope_theta", 10_000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in _ROPE_KEYS:
-        raise ValueError(f"{where}.rope_parameters.rope_type={rope_type!r} is not implemented; allowed: "
-                         f"{', '.join(map(repr, _ROPE_KEYS))}")  # fmt: skip
-    if rope_type == "llama3":
-        params.setdefault("original_max_position_embeddings", c.get("max_position_embeddings", 2048))
-    read = {"rope_type", "type", "rope_theta"} | _ROPE_KEYS[rope_type]
-    unread = {k: v for k, v in params.items() if k not in read and v is not None
-              and not (k == "partial_rotary_factor" and v == 1.0)}  # fmt: skip
-    if unread:
-        raise ValueError(f"{where}.rope_parameters: {unread} not implemented for rope_type={rope_type!r} (lcjax "
-                         f"reads {sorted(read - {'type'})})")  # fmt: skip
-    return rope_ops.rope_config_from_hf(params | {"rope_type": rope_type})
+def read_rope(c: Mapping[str, Any], where: str) -> rope_ops.RopeConfig:
+    """The RoPE of an HF config dict as transformers 5.23 standardises it (``lcjax.convert.hf_config.rope_from_hf``:
+    v4 ``rope_scaling`` / ``rope_theta`` and v5 ``rope_parameters``, every HF rope type); refuses, naming the key,
+    any RoPE key it does not read."""
+    rope = hf_config.rope_from_hf(c, where=where)
+    # HF Llama / Mistral / Qwen2 / Qwen3 attention rotates the whole head (their apply_rotary_pos_emb has no
+    # pass-through part); Phi-3's rotates the first rotary_dim dims only.
+    if c.get("model_type") != "phi3" and rope.partial_rotary_factor != 1.0:
+        raise ValueError(f"{where}.rope_parameters.partial_rotary_factor={rope.partial_rotary_factor} is not "
+                         f"implemented for model_type={c.get('model_type')!r} (its HF attention rotates the whole "
+                         "head; allowed: 1.0)")  # fmt: skip
+    return rope
 
 
 def _config_from_dict(c: Mapping[str, Any], where: str, overrides: Mapping[str, Any]) -> LMConfig:
@@ -95,7 +83,7 @@ def _config_from_dict(c: Mapping[str, Any], where: str, overrides: Mapping[str, 
         vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=c.get("num_key_value_heads") or n_heads, head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
         mlp_dim=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
-        rope=_rope_config(c, where), norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=flag("tie_word_embeddings"),
+        rope=read_rope(c, where), norm_eps=c.get("rms_norm_eps", 1e-6), tie_embeddings=flag("tie_word_embeddings"),
         attention_bias=flag("attention_bias"), mlp_bias=flag("mlp_bias"),
     )  # fmt: skip
     return LMConfig(**(kw | dict(overrides)))
@@ -113,23 +101,29 @@ def config_from_hf(hf_config: Any, **overrides) -> LMConfig:
 
 def config_to_hf(cfg: LMConfig) -> dict[str, Any]:
     """The HF ``LlamaConfig`` kwargs describing ``cfg`` (attention-only models)."""
-    if set(cfg.block_pattern) != {"attention"}:
-        raise ValueError(f"config_to_hf: only attention-only models map to Llama, got {cfg.block_pattern}")
     if cfg.window is not None:
         raise ValueError(f"config_to_hf: cfg.window={cfg.window} has no Llama equivalent (HF Llama attends to the "
                          "whole causal prefix); export a model with window=None")  # fmt: skip
-    rope: dict[str, Any] = {"rope_type": cfg.rope.rope_type, "rope_theta": cfg.rope.theta}
-    if cfg.rope.rope_type != "default":
-        rope["factor"] = cfg.rope.factor
-    if cfg.rope.rope_type == "llama3":
-        rope.update(low_freq_factor=cfg.rope.low_freq_factor, high_freq_factor=cfg.rope.high_freq_factor,
-                    original_max_position_embeddings=cfg.rope.original_max_position_embeddings)  # fmt: skip
+    att = cfg.attention
+    if att.qk_norm or att.qkv_bias != att.o_bias:
+        raise ValueError(f"config_to_hf: qkv_bias={att.qkv_bias}, o_bias={att.o_bias}, qk_norm={att.qk_norm} has no "
+                         "Llama equivalent (attention_bias covers q, k, v and o alike; no qk norm)")  # fmt: skip
+    return base_config_to_hf(cfg, "config_to_hf") | dict(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+
+
+def base_config_to_hf(cfg: LMConfig, caller: str) -> dict[str, Any]:
+    """The HF config kwargs every Llama-like family shares (sizes, norm, tied embeddings, RoPE, SiLU)."""
+    if set(cfg.block_pattern) != {"attention"}:
+        raise ValueError(f"{caller}: only attention-only models map to Llama-like families, got {cfg.block_pattern}")
+    from lcjax.convert.hf_config import rope_to_hf
+
+    rope = rope_to_hf(cfg.rope)
     return dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
-        rope_parameters=rope, hidden_act="silu",
+        intermediate_size=cfg.mlp_dim, rms_norm_eps=cfg.norm_eps,
+        max_position_embeddings=cfg.rope.max_position_embeddings or cfg.max_seq_len,  # dynamic NTK's threshold
+        tie_word_embeddings=cfg.tie_embeddings, rope_parameters=rope, hidden_act="silu",
     )  # fmt: skip
 
 
@@ -149,11 +143,16 @@ def _layer_map(cfg: LMConfig, i: int) -> dict[str, tuple[tuple[Any, ...], tuple[
         "mlp.up_proj.weight": (("mlp", "up_proj"), (np.transpose, np.transpose)),
         "mlp.down_proj.weight": (("mlp", "down_proj"), (np.transpose, np.transpose)),
     }
-    if cfg.attention_bias:
+    att = cfg.attention
+    if att.qkv_bias:
         m["self_attn.q_proj.bias"] = (("self_attn", "q_bias"), (lambda b: b.reshape(H, P), lambda b: b.reshape(-1)))
         m["self_attn.k_proj.bias"] = (("self_attn", "k_bias"), (lambda b: b.reshape(K, P), lambda b: b.reshape(-1)))
         m["self_attn.v_proj.bias"] = (("self_attn", "v_bias"), (lambda b: b.reshape(K, P), lambda b: b.reshape(-1)))
+    if att.o_bias:
         m["self_attn.o_proj.bias"] = (("self_attn", "o_bias"), None)
+    if att.qk_norm:  # Qwen3
+        m["self_attn.q_norm.weight"] = (("self_attn", "q_norm", "weight"), None)
+        m["self_attn.k_norm.weight"] = (("self_attn", "k_norm", "weight"), None)
     if cfg.mlp_bias:
         for name in ("gate", "up", "down"):
             m[f"mlp.{name}_proj.bias"] = (("mlp", f"{name}_bias"), None)
@@ -219,9 +218,10 @@ def llama_from_pretrained_dir(path: str | os.PathLike, **overrides) -> LM:
 
 
 def llama_to_state_dict(model: LM) -> dict[str, np.ndarray]:
-    """HF-named numpy state dict of an attention-only ``LM`` (the reverse of ``llama_from_state_dict``)."""
+    """HF-named numpy state dict of an attention-only ``LM`` (the reverse of ``llama_from_state_dict``; also the
+    unfused Llama-style names the other families export from)."""
     cfg = model.cfg
-    config_to_hf(cfg)  # validates the block pattern
+    base_config_to_hf(cfg, "llama_to_state_dict")  # validates the block pattern
     if cfg.scan_layers:
         raise ValueError("llama_to_state_dict: export a model built with scan_layers=False")
     state = nnx.state(model)

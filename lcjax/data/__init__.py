@@ -1,4 +1,4 @@
-"""Data: synthetic long-context tasks, TFDS builders (ArrayRecord, no TensorFlow), byte-level text, grain pipelines.
+"""Data: synthetic long-context tasks, TFDS builders (ArrayRecord, no TensorFlow), text, tokenizers, grain pipelines.
 
 Batches are dicts of NumPy arrays ``inputs, targets, segment_ids, positions`` (int32 [B, L]) and ``loss_mask`` (bool
 [B, L]); see ``pipeline.py``. ``segment_ids`` have lcjax's one meaning: 1, 2, ... per document (a run of equal
@@ -31,12 +31,14 @@ from lcjax.data.synthetic import (
     make_task,
 )
 from lcjax.data.text import ByteTokenizer, TextFileSource, TfdsTextSource, bits_per_byte, count_bytes
+from lcjax.data.tokenizers import HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "BATCH_KEYS",
     "SPLITS",
     "TASKS",
     "ByteTokenizer",
+    "HFTokenizer",
     "InductionHeadsConfig",
     "MQARConfig",
     "PackIterDataset",
@@ -46,6 +48,7 @@ __all__ = [
     "SyntheticSource",
     "TaskConfig",
     "TextFileSource",
+    "Tokenizer",
     "TfdsTextSource",
     "accuracy_counts",
     "accuracy_from_counts",
@@ -56,6 +59,7 @@ __all__ = [
     "default_read_options",
     "document_pieces",
     "generate",
+    "load_tokenizer",
     "make_task",
     "pack_layout",
     "packed_text_dataset",

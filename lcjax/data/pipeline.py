@@ -61,6 +61,7 @@ from lcjax.checks import check_token_ids, require, require_bool, require_int, re
 from lcjax.data import packing
 from lcjax.data.synthetic import SyntheticSource, TaskConfig
 from lcjax.data.text import ByteTokenizer
+from lcjax.data.tokenizers import Tokenizer
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -247,7 +248,7 @@ def batched_dataset(
     return _finish(ds.to_iter_dataset(read_options or default_read_options()), worker_count)
 
 
-def _tokenize(tokenizer: ByteTokenizer, document: Any) -> np.ndarray:
+def _tokenize(tokenizer: Tokenizer, document: Any) -> np.ndarray:
     ids = tokenizer.encode(document)
     check_token_ids(f"{type(tokenizer).__name__}.encode", ids, tokenizer.vocab_size)
     return ids
@@ -258,7 +259,7 @@ def packed_text_dataset(
     *,
     seq_len: int,
     global_batch_size: int,
-    tokenizer: ByteTokenizer = ByteTokenizer(),
+    tokenizer: Tokenizer = ByteTokenizer(),
     shuffle: bool = True,
     seed: int = 0,
     num_epochs: int | None = None,
@@ -269,8 +270,9 @@ def packed_text_dataset(
 ) -> grain.IterDataset:
     """Packed training rows of ``seq_len`` from a random-access source of documents (``str`` / ``bytes``).
 
-    Documents are shuffled (a new permutation each epoch), sharded per process, tokenized
-    (``[BOS] bytes [EOS]``) and packed (``packing.py``: long documents split into explicit ``seq_len`` pieces).
+    Documents are shuffled (a new permutation each epoch), sharded per process, tokenized (``tokenizer.encode``,
+    any ``lcjax.data.tokenizers.Tokenizer``; the default gives ``[BOS] bytes [EOS]``) and packed (``packing.py``: long
+    documents split into explicit ``seq_len`` pieces).
     Only whole local batches are produced; the rows of a finite run that do not fill one are dropped. Token ids
     are checked against ``tokenizer.vocab_size`` as documents are tokenized.
     """
@@ -289,7 +291,7 @@ def packed_text_dataset(
         ds = ds.repeat(num_epochs)
     ds = ds[process_index::process_count].map(functools.partial(_tokenize, tokenizer))
     ds = ds.to_iter_dataset(read_options or default_read_options())
-    ds = packing.PackIterDataset(ds, seq_len=seq_len, pad_id=tokenizer.PAD, vocab_size=tokenizer.vocab_size)
+    ds = packing.PackIterDataset(ds, seq_len=seq_len, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     ds = ds.batch(local, drop_remainder=True)
     return _finish(ds, worker_count)
 
@@ -299,7 +301,7 @@ def packed_text_eval_dataset(
     *,
     seq_len: int,
     global_batch_size: int,
-    tokenizer: ByteTokenizer = ByteTokenizer(),
+    tokenizer: Tokenizer = ByteTokenizer(),
     process_index: int | None = None,
     process_count: int | None = None,
     read_options: grain.ReadOptions | None = None,
@@ -309,12 +311,12 @@ def packed_text_eval_dataset(
     process_index, process_count = _processes(fn, process_index, process_count)
     _local_batch_size(fn, global_batch_size, process_count)
     require_int(f"{fn}: seq_len", seq_len, min=1)
-    rows = packing.PackedRows(documents, functools.partial(_tokenize, tokenizer), seq_len=seq_len, pad_id=tokenizer.PAD,
-                              vocab_size=tokenizer.vocab_size)  # fmt: skip
+    rows = packing.PackedRows(documents, functools.partial(_tokenize, tokenizer), seq_len=seq_len,
+                              pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)  # fmt: skip
     require(len(rows) > 0, f"{fn}: documents hold no (input, target) pair to evaluate")
     ds = _batch_and_shard(
         grain.MapDataset.source(rows), global_batch_size=global_batch_size, process_index=process_index,
-        process_count=process_count, drop_remainder=False, pad_id=tokenizer.PAD, finite=True,
+        process_count=process_count, drop_remainder=False, pad_id=tokenizer.pad_id, finite=True,
     )
     return ds.to_iter_dataset(read_options or default_read_options())
 

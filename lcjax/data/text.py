@@ -38,6 +38,10 @@ class ByteTokenizer:
     BOS = 257
     EOS = 258
     vocab_size = 259
+    # The lcjax.data.tokenizers.Tokenizer interface (shared with HFTokenizer).
+    bos_id = property(lambda self: self.BOS)
+    eos_id = property(lambda self: self.EOS)
+    pad_id = property(lambda self: self.PAD)
 
     def encode(self, text: str | bytes, *, add_bos: bool = True, add_eos: bool = True) -> Int[np.ndarray, "L"]:
         """``[BOS] + UTF-8 bytes + [EOS]`` as int32 (``str`` is UTF-8 encoded, ``bytes`` taken as they are)."""

@@ -2,7 +2,14 @@
 
 GQA: Ainslie et al. 2023, https://arxiv.org/abs/2305.13245. Checked against HF transformers 5.23.0
 ``models/llama/modeling_llama.py`` (``LlamaAttention``). The math lives in ``lcjax.ops.attention``; this module holds
-the projections, RoPE and the cache bookkeeping.
+the projections, RoPE and the cache bookkeeping. ``qk_norm`` (HF ``Qwen3Attention``): an RMSNorm over the head dim
+on q and k after the projections, before RoPE.
+
+With a sliding ``window`` the cache may be a ``RingKVCache`` of ``window`` slots (``init_cache`` picks it when the
+requested length exceeds the window): a chunk attends to the ring as it was plus its own keys, then its last
+``window`` entries overwrite the oldest slots (the t-th token consumed goes to slot t mod window). A query never
+needs a key more than ``window - 1`` positions back, so this is exact and decoding memory is O(window) (Mistral,
+Jiang et al. 2023, https://arxiv.org/abs/2310.06825, "rolling buffer cache").
 
 Masks come from positions and segment ids only (``lcjax.ops.attention``): packed documents are expressed with
 segment ids, and empty cache slots carry segment id ``EMPTY_SEGMENT`` so no query ever attends to them.
@@ -23,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcjax import checks, sharding
-from lcjax.layers.basic import normal_init
+from lcjax.layers.basic import normal_init, rms_norm
 from lcjax.ops import attention as attention_ops
 from lcjax.ops import context_parallel
 from lcjax.ops import rope as rope_ops
@@ -43,6 +50,8 @@ class AttentionConfig:
     rope: rope_ops.RopeConfig = rope_ops.RopeConfig()
     qkv_bias: bool = False
     o_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    norm_eps: float = 1e-6  # epsilon of the qk norms
     causal: bool = True
     window: int | None = None
     impl: str = "auto"
@@ -57,8 +66,9 @@ class AttentionConfig:
         checks.require(self.head_dim % 2 == 0, f"{name}head_dim={self.head_dim} must be even (RoPE)")
         checks.require(isinstance(self.rope, rope_ops.RopeConfig),
                        f"{name}rope must be a RopeConfig, got {type(self.rope).__name__}")  # fmt: skip
-        for field in ("qkv_bias", "o_bias", "causal"):
+        for field in ("qkv_bias", "o_bias", "qk_norm", "causal"):
             checks.require_bool(name + field, getattr(self, field))
+        checks.require_float(name + "norm_eps", self.norm_eps, min=0.0, min_open=True)
         checks.require_optional_int(name + "window", self.window, min=1)
         checks.require_choice(name + "impl", self.impl, tuple(i.value for i in attention_ops.Impl))
         checks.require_choice(name + "context_impl", self.context_impl, ("ring", "allgather"))
@@ -111,6 +121,48 @@ class KVCache(NamedTuple):
         )  # fmt: skip
 
 
+class RingKVCache(NamedTuple):
+    """A sliding-window cache of ``W`` slots: the ``t``-th token consumed lives in slot ``t mod W`` (``index`` =
+    tokens consumed so far; positions are stored per slot). Same fields as ``KVCache``; empty slots carry
+    ``EMPTY_SEGMENT``."""
+
+    k_BSKP: jax.Array
+    v_BSKP: jax.Array
+    positions_BS: jax.Array
+    segment_ids_BS: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, batch: int, window: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32) -> RingKVCache:
+        return cls(*KVCache.init(batch, window, n_kv_heads, head_dim, dtype))
+
+    def update(self, k_BLKP, v_BLKP, positions_BL, segment_ids_BL) -> RingKVCache:
+        """Write the last ``min(L, W)`` of ``L`` new entries into slots ``(index + i) mod W`` (distinct slots)."""
+        L, W = k_BLKP.shape[1], self.k_BSKP.shape[1]
+        n = min(L, W)
+        slots_N = (self.index + (L - n) + jnp.arange(n, dtype=jnp.int32)) % W
+
+        def put(buf, new):
+            new = sharding.shard(new[:, L - n:].astype(buf.dtype), *_KV_NAMES[: buf.ndim])
+            return buf.at[:, slots_N].set(new)
+
+        return RingKVCache(
+            put(self.k_BSKP, k_BLKP), put(self.v_BSKP, v_BLKP), put(self.positions_BS, positions_BL),
+            put(self.segment_ids_BS, segment_ids_BL), self.index + L,
+        )  # fmt: skip
+
+
+class HeadNorm(nnx.Module):
+    """RMSNorm over the head dim of ``[..., P]`` (the q/k norms of HF ``Qwen3Attention``)."""
+
+    def __init__(self, head_dim: int, *, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = sharding.param(jnp.ones((head_dim,), param_dtype), "head_dim")
+
+    def __call__(self, x):
+        return rms_norm(x, sharding.read(self.weight), self.eps)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: AttentionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         cfg.check_mesh()
@@ -128,6 +180,9 @@ class Attention(nnx.Module):
             self.v_bias = sharding.param(jnp.zeros((K, P), param_dtype), "kv_heads", "head_dim")
         if cfg.o_bias:
             self.o_bias = sharding.param(jnp.zeros((D,), param_dtype), "embed")
+        if cfg.qk_norm:
+            self.q_norm = HeadNorm(P, eps=cfg.norm_eps, param_dtype=param_dtype)
+            self.k_norm = HeadNorm(P, eps=cfg.norm_eps, param_dtype=param_dtype)
 
     def project_qkv(self, x_BLD, positions_BL):
         """q, k, v with RoPE applied to q and k."""
@@ -140,9 +195,10 @@ class Attention(nnx.Module):
             q_BLHP = q_BLHP + sharding.read(self.q_bias, dt)[None, None]
             k_BLKP = k_BLKP + sharding.read(self.k_bias, dt)[None, None]
             v_BLKP = v_BLKP + sharding.read(self.v_bias, dt)[None, None]
-        inv_freq, scaling = rope_ops.rope_frequencies(self.cfg.head_dim, self.cfg.rope)  # static numpy
-        q_BLHP = rope_ops.apply_rope(q_BLHP, positions_BL, inv_freq, scaling)
-        k_BLKP = rope_ops.apply_rope(k_BLKP, positions_BL, inv_freq, scaling)
+        if self.cfg.qk_norm:
+            q_BLHP, k_BLKP = self.q_norm(q_BLHP), self.k_norm(k_BLKP)
+        q_BLHP = rope_ops.rope(q_BLHP, positions_BL, self.cfg.rope, head_dim=self.cfg.head_dim)
+        k_BLKP = rope_ops.rope(k_BLKP, positions_BL, self.cfg.rope, head_dim=self.cfg.head_dim)
         return q_BLHP, k_BLKP, v_BLKP
 
     def attend(self, q_BLHP, k_BSKP, v_BSKP, q_pos_BL, kv_pos_BS, q_seg_BL, kv_seg_BS):
@@ -179,8 +235,8 @@ class Attention(nnx.Module):
 
     def __call__(
         self, x_BLD: Float[Array, "B L D"], *, positions_BL: Int[Array, "B L"] | None = None,
-        segment_ids_BL: Int[Array, "B L"] | None = None, cache: KVCache | None = None,
-    ) -> tuple[Float[Array, "B L D"], KVCache | None]:  # fmt: skip
+        segment_ids_BL: Int[Array, "B L"] | None = None, cache: KVCache | RingKVCache | None = None,
+    ) -> tuple[Float[Array, "B L D"], KVCache | RingKVCache | None]:  # fmt: skip
         """``(y, cache)``. Positions default to ``0..L-1`` (after ``cache.index`` when decoding), segments to one.
 
         ``segment_ids_BL`` (``lcjax.ops.segments``; negative ids are refused when concrete) may come in any order:
@@ -201,6 +257,13 @@ class Attention(nnx.Module):
         q_BLHP, k_BLKP, v_BLKP = self.project_qkv(x_BLD, positions_BL)
         if cache is None:
             out_BLHP = self.attend(q_BLHP, k_BLKP, v_BLKP, positions_BL, positions_BL, segment_ids_BL, segment_ids_BL)
+        elif isinstance(cache, RingKVCache):  # the ring as it was + this chunk; the window mask does the rest
+            cat = lambda old, new: jnp.concatenate([old.astype(new.dtype), new], axis=1)
+            out_BLHP = self.attend(
+                q_BLHP, cat(cache.k_BSKP, k_BLKP), cat(cache.v_BSKP, v_BLKP), positions_BL,
+                cat(cache.positions_BS, positions_BL), segment_ids_BL, cat(cache.segment_ids_BS, segment_ids_BL),
+            )  # fmt: skip
+            cache = cache.update(k_BLKP, v_BLKP, positions_BL, segment_ids_BL)
         else:
             cache = cache.update(k_BLKP, v_BLKP, positions_BL, segment_ids_BL)
             out_BLHP = self.attend(
@@ -215,5 +278,9 @@ class Attention(nnx.Module):
             y_BLD = y_BLD + sharding.read(self.o_bias, dt)[None, None]
         return y_BLD, cache
 
-    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> KVCache:
-        return KVCache.init(batch, length, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> KVCache | RingKVCache:
+        """A ``KVCache`` of ``length`` slots, or with a causal ``window < length`` a ``RingKVCache`` of ``window``."""
+        cfg = self.cfg
+        if cfg.window is not None and cfg.causal and cfg.window < length:
+            return RingKVCache.init(batch, cfg.window, cfg.n_kv_heads, cfg.head_dim, dtype)
+        return KVCache.init(batch, length, cfg.n_kv_heads, cfg.head_dim, dtype)

@@ -125,6 +125,11 @@ class BeaconLM(nnx.Module):
                        "add_beacons: base LMConfig.scan_layers must be False (layers are run one by one)")
         checks.require(lm_cfg.window is None,
                        f"add_beacons: base LMConfig.window={lm_cfg.window}: sliding-window bases are not supported")
+        checks.require(lm_cfg.rope.rope_type not in ("dynamic", "longrope"),
+                       f"add_beacons: base RoPE rope_type={lm_cfg.rope.rope_type!r} switches frequencies on the sequence "
+                       "length; beacon chunks use fixed frequencies (allowed: default, linear, yarn, llama3)")  # fmt: skip
+        checks.require(lm_cfg.rope.partial_rotary_factor == 1.0 and not lm_cfg.qk_norm,
+                       "add_beacons: bases with partial rotary embeddings or QK-norm are not supported")
         cfg.check_model(lm_cfg.max_seq_len)
         self.cfg = cfg
         self.base = base

@@ -107,7 +107,10 @@ class LMConfig:
     rope: rope_ops.RopeConfig = rope_ops.RopeConfig()
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # bias on q, k, v and o (HF Llama); qkv_bias / o_bias override it per projection
+    qkv_bias: bool | None = None  # None -> attention_bias (Qwen2: True with o_bias=False)
+    o_bias: bool | None = None  # None -> attention_bias
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     mlp_bias: bool = False
     window: int | None = None
     attn_impl: str = "auto"
@@ -141,8 +144,11 @@ class LMConfig:
         if not isinstance(self.rope, rope_ops.RopeConfig):
             raise TypeError(f"LMConfig.rope must be a RopeConfig, got {self.rope!r}")
         checks.require_float("LMConfig.norm_eps", self.norm_eps, min=0.0, min_open=True)
-        for name in ("tie_embeddings", "attention_bias", "mlp_bias", "scan_layers", "remat"):
+        for name in ("tie_embeddings", "attention_bias", "qk_norm", "mlp_bias", "scan_layers", "remat"):
             checks.require_bool(f"LMConfig.{name}", getattr(self, name))
+        for name in ("qkv_bias", "o_bias"):  # kept None (not resolved) so dataclasses.replace(attention_bias=) works
+            if getattr(self, name) is not None:
+                checks.require_bool(f"LMConfig.{name}", getattr(self, name))
         checks.require_optional_int("LMConfig.window", self.window, min=1)
         checks.require_str("LMConfig.attn_impl", self.attn_impl)
         checks.require_choice("LMConfig.context_impl", self.context_impl, ("ring", "allgather"))
@@ -159,8 +165,9 @@ class LMConfig:
     def attention(self) -> AttentionConfig:
         return AttentionConfig(
             d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
-            rope=self.rope, qkv_bias=self.attention_bias, o_bias=self.attention_bias, window=self.window,
-            impl=self.attn_impl, context_impl=self.context_impl,
+            rope=self.rope, qkv_bias=self.attention_bias if self.qkv_bias is None else self.qkv_bias,
+            o_bias=self.attention_bias if self.o_bias is None else self.o_bias, qk_norm=self.qk_norm,
+            norm_eps=self.norm_eps, window=self.window, impl=self.attn_impl, context_impl=self.context_impl,
         )  # fmt: skip
 
     @property

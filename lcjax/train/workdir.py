@@ -32,6 +32,28 @@ def load_experiment(workdir: str | os.PathLike) -> ExperimentConfig:
         return config_from_json(f.read())
 
 
+TOKENIZER_FILE = "tokenizer.json"  # a text run's tokenizer, when it is not the byte tokenizer
+
+
+def workdir_tokenizer(workdir: str | os.PathLike, cfg: ExperimentConfig, spec: str | None = None):
+    """The tokenizer of a text run (``None`` for a synthetic-task run, whose prompts are ids): ``spec`` (``"byte"``,
+    a ``tokenizer.json`` or a ``.gguf``) if given, else the workdir's ``tokenizer.json`` if it has one, else bytes.
+    Its ``vocab_size`` must fit the model's embedding table."""
+    from lcjax.data.tokenizers import load_tokenizer
+
+    if cfg.data.kind != "text":
+        checks.require(spec is None, f"--tokenizer: the run in {os.fspath(workdir)!r} is a synthetic-task run "
+                       f"(config.data.kind={cfg.data.kind!r}); its prompts are token ids")  # fmt: skip
+        return None
+    if spec is None:
+        own = os.path.join(os.fspath(workdir), TOKENIZER_FILE)
+        spec = own if os.path.isfile(own) else "byte"
+    tok = load_tokenizer(spec)
+    checks.require(tok.vocab_size <= cfg.model.vocab_size, f"tokenizer {spec!r}: vocab_size={tok.vocab_size} exceeds "
+                   f"the model's vocab_size={cfg.model.vocab_size}")  # fmt: skip
+    return tok
+
+
 def restore_trained(workdir: str | os.PathLike, *, single_device: bool = False):
     """``(cfg, mesh, rules, model, step)``: the model of the latest readable checkpoint in ``workdir``, on the
     run's mesh, or replicated on one device (``single_device``; orbax reshards on restore)."""

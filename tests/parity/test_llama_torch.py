@@ -10,6 +10,7 @@ from flax import nnx  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lcjax.convert import llama as convert  # noqa: E402
+from lcjax.convert.hf_config import rope_from_hf  # noqa: E402
 from lcjax.models import lm as lm_lib  # noqa: E402
 from lcjax.ops import rope as rope_ops  # noqa: E402
 from tests.tolerances import EXACT, F32_GRAD_REL, F32_MODULE, max_rel_err  # noqa: E402
@@ -152,7 +153,7 @@ def test_rope_frequencies_match_hf(params):
         ref, scale = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
     else:
         ref, scale = ROPE_INIT_FUNCTIONS[params["rope_type"]](cfg, "cpu")
-    inv, ours_scale = rope_ops.rope_frequencies(16, rope_ops.rope_config_from_hf(params))
+    inv, ours_scale = rope_ops.rope_frequencies(16, rope_from_hf({"rope_parameters": params}))
     np.testing.assert_allclose(inv, ref.numpy(), rtol=1e-6, atol=0)
     assert ours_scale == scale
 
@@ -161,7 +162,7 @@ def test_unsupported_hf_configs_raise():
     with pytest.raises(ValueError, match="hidden_act"):
         convert.config_from_hf(dict(hf_llama().config.to_dict(), hidden_act="gelu"))
     with pytest.raises(ValueError, match="rope_type"):
-        convert.config_from_hf(dict(hf_llama().config.to_dict(), rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+        convert.config_from_hf(dict(hf_llama().config.to_dict(), rope_parameters={"rope_type": "mrope", "factor": 2.0}))
     with pytest.raises(ValueError, match="missing keys"):
         convert.llama_from_state_dict({}, convert.config_from_hf(hf_llama().config))
 
@@ -209,7 +210,8 @@ def test_other_families_raise_naming_the_key(tmp_path):
         (dict(auto_map={"AutoModel": "x.Y"}), "auto_map"),
         (dict(pruned_heads={"0": [1]}), "pruned_heads"),
         (dict(tie_word_embeddings="no"), "hf_config.tie_word_embeddings must be a bool"),
-        (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0}), r"rope_type='yarn' is not implemented"),
+        (dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4}),
+         r"rope_type='proportional' is not implemented"),
         (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}),
          "partial_rotary_factor"),
         (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "factor": 2.0}), "factor"),
@@ -235,7 +237,7 @@ def test_missing_required_fields_raise():
 def test_legacy_rope_keys_are_read_as_transformers_reads_them(legacy):
     """4.x config.json files carry rope_theta / rope_scaling; the result equals transformers' own standardisation."""
     config = {k: v for k, v in LlamaConfig(**TINY).to_dict().items() if k != "rope_parameters"} | legacy
-    want = rope_ops.rope_config_from_hf(LlamaConfig.from_dict(config).rope_parameters)
+    want = rope_from_hf({"rope_parameters": LlamaConfig.from_dict(config).rope_parameters})
     assert convert.config_from_hf(config).rope == want
 
 

@@ -10,11 +10,13 @@ from lcjax.models.blocks.attention import AttentionBlock
 from lcjax.models.blocks.common import BlockDims
 from lcjax.models.blocks.m2 import M2Block, M2Cache
 from lcjax.models.blocks.mamba2 import Mamba2Block
+from lcjax.models.blocks.mamba2_mlp import Mamba2MLPBlock
 
 BLOCKS: dict[str, type] = {
     "attention": AttentionBlock,  # mixer config: LMConfig's flat attention fields (LMConfig.attention)
     "mamba2": Mamba2Block,
     "m2": M2Block,
+    "mamba2_mlp": Mamba2MLPBlock,  # Mamba-2 + SwiGLU MLP (HF Bamba)
 }
 
 __all__ = ["BLOCKS", "AttentionBlock", "BlockDims", "M2Block", "M2Cache", "Mamba2Block"]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcjax import sharding
-from lcjax.layers.attention import Attention, AttentionConfig, KVCache
+from lcjax.layers.attention import Attention, AttentionConfig, KVCache, RingKVCache
 from lcjax.models.blocks.common import BlockDims, check_mixer_width, check_mlp, make_mlp, make_norm
 from lcjax.typing import Array, Float, Int
 
@@ -40,8 +40,8 @@ class AttentionBlock(nnx.Module):
 
     def __call__(
         self, x_BLD: Float[Array, "B L D"], *, positions_BL: Int[Array, "B L"], segment_ids_BL: Int[Array, "B L"],
-        cache: KVCache | None = None,
-    ) -> tuple[Float[Array, "B L D"], KVCache | None]:  # fmt: skip
+        cache: KVCache | RingKVCache | None = None,
+    ) -> tuple[Float[Array, "B L D"], KVCache | RingKVCache | None]:  # fmt: skip
         attend = lambda h_BLD: self.self_attn(h_BLD, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL,
                                               cache=cache)  # fmt: skip
         x_BLD, cache = self.residual(x_BLD, attend)
@@ -55,7 +55,7 @@ class AttentionBlock(nnx.Module):
         x_BLD = x_BLD + y_BLD
         return x_BLD + self.mlp(self.post_attention_layernorm(x_BLD)), aux
 
-    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> KVCache:
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> KVCache | RingKVCache:
         return self.self_attn.init_cache(batch, length, dtype)
 
 
