@@ -27,6 +27,19 @@ from lcjax.models.blocks.common import BlockDims, check_mixer_width, make_norm
 from lcjax.typing import Array, Float, Int
 
 
+def mix(
+    mixer: Mamba2, h_BLD: Float[Array, "B L D"], segment_ids_BL: Int[Array, "B L"] | None, cache: Mamba2State | None
+) -> tuple[Float[Array, "B L D"], Mamba2State | None]:
+    """The mixer under the LM block interface (shared by every block holding a Mamba-2 mixer): a cached one-token
+    call takes the recurrent ``step`` (O(1) in the context); anything else runs the chunked SSD from the carried
+    state, returning the new state only when a cache was given."""
+    if cache is not None and h_BLD.shape[1] == 1:
+        y_BD, cache = mixer.step(h_BLD[:, 0], cache)
+        return y_BD[:, None], cache
+    y_BLD, state = mixer(h_BLD, seq_idx_BL=segment_ids_BL, state=cache)
+    return y_BLD, None if cache is None else state
+
+
 class Mamba2Block(nnx.Module):
     """Pre-norm residual Mamba-2 block; ``mixer`` (a ``Mamba2Config``) configures the mixer. No MLP (``mlp_dim``
     is unused), as upstream."""
@@ -48,13 +61,7 @@ class Mamba2Block(nnx.Module):
     ) -> tuple[Float[Array, "B L D"], Mamba2State | None]:  # fmt: skip
         """``(x + mixer(norm(x)), new cache)``; positions are unused (the recurrence is order-aware by itself)."""
         del positions_BL
-        h_BLD = self.norm(x_BLD)
-        if cache is not None and x_BLD.shape[1] == 1:  # decoding: one recurrence step, O(1) in the context
-            y_BD, cache = self.mixer.step(h_BLD[:, 0], cache)
-            y_BLD = y_BD[:, None]
-        else:
-            y_BLD, state = self.mixer(h_BLD, seq_idx_BL=segment_ids_BL, state=cache)
-            cache = None if cache is None else state
+        y_BLD, cache = mix(self.mixer, self.norm(x_BLD), segment_ids_BL, cache)
         x_BLD = (x_BLD.astype(jnp.float32) + y_BLD.astype(jnp.float32)).astype(x_BLD.dtype)
         return sharding.shard(x_BLD, "act_batch", "act_seq", "act_embed"), cache
 
@@ -64,4 +71,4 @@ class Mamba2Block(nnx.Module):
         return self.mixer.init_state(batch, dtype)
 
 
-__all__ = ["Mamba2Block"]
+__all__ = ["Mamba2Block", "mix"]

@@ -26,6 +26,7 @@ from flax import nnx
 from lcjax import sharding
 from lcjax.layers.mamba2 import Mamba2, Mamba2Config, Mamba2State
 from lcjax.models.blocks.common import BlockDims, check_mixer_width, check_mlp, make_mlp, make_norm
+from lcjax.models.blocks.mamba2 import mix
 from lcjax.typing import Array, Float, Int
 
 
@@ -53,13 +54,7 @@ class Mamba2MLPBlock(nnx.Module):
     ) -> tuple[Float[Array, "B L D"], Mamba2State | None]:  # fmt: skip
         """``(x + mlp(norm(x)))`` after ``x <- x + mamba(norm(x))``, and the new cache; positions are unused."""
         del positions_BL
-        h_BLD = self.input_layernorm(x_BLD)
-        if cache is not None and x_BLD.shape[1] == 1:  # decoding: one recurrence step, O(1) in the context
-            y_BD, cache = self.mamba.step(h_BLD[:, 0], cache)
-            y_BLD = y_BD[:, None]
-        else:
-            y_BLD, state = self.mamba(h_BLD, seq_idx_BL=segment_ids_BL, state=cache)
-            cache = None if cache is None else state
+        y_BLD, cache = mix(self.mamba, self.input_layernorm(x_BLD), segment_ids_BL, cache)
         x_BLD = x_BLD + y_BLD.astype(x_BLD.dtype)
         x_BLD = x_BLD + self.feed_forward(self.pre_ff_layernorm(x_BLD)).astype(x_BLD.dtype)
         return sharding.shard(x_BLD, "act_batch", "act_seq", "act_embed"), cache
